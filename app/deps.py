@@ -1,0 +1,33 @@
+"""Annotated dependencies: what the lifespan built, handed to routes by type."""
+
+from typing import Annotated
+
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from app.backends import Backend
+from app.config import Settings
+from app.health import BackendProbe
+from app.interactions import JsonlWriter
+
+
+def _settings(connection: HTTPConnection) -> Settings:
+    return connection.app.state.settings
+
+
+def _backend(connection: HTTPConnection) -> Backend:
+    return connection.app.state.backend
+
+
+def _log(connection: HTTPConnection) -> JsonlWriter:
+    return connection.app.state.interaction_log
+
+
+def _probe(connection: HTTPConnection) -> BackendProbe:
+    return connection.app.state.probe
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+BackendDep = Annotated[Backend, Depends(_backend)]
+LogDep = Annotated[JsonlWriter, Depends(_log)]
+ProbeDep = Annotated[BackendProbe, Depends(_probe)]

@@ -1,0 +1,59 @@
+"""GET /health (liveness), GET /ready (upstream usable) and GET /models (what the upstream has)."""
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from app import __version__
+from app.backends import Backend, BackendStatus
+from app.deps import BackendDep, LogDep, ProbeDep
+from app.interactions import JsonlWriter
+from app.responses import OrjsonResponse
+
+router = APIRouter()
+
+
+def _body(status: str, backend: Backend, probe: BackendStatus, log: JsonlWriter) -> dict[str, Any]:
+    return {
+        "status": status,
+        "version": __version__,
+        "backend": {
+            "name": backend.name,
+            "url": backend.url,
+            "model": backend.default_model,
+            "reachable": probe.reachable,
+            "model_available": probe.model_available,
+        },
+        "log": log.state,
+    }
+
+
+@router.get("/health")
+async def health(backend: BackendDep, probe: ProbeDep, log: LogDep) -> OrjsonResponse:
+    """The process is up; also reports the upstream and the interaction log."""
+    return OrjsonResponse(_body("ok", backend, await probe.status(), log))
+
+
+@router.get("/ready", responses={503: {"description": "The upstream is down or lacks the model."}})
+async def ready(backend: BackendDep, probe: ProbeDep, log: LogDep) -> OrjsonResponse:
+    """200 when the upstream answers and has the configured model, else 503 with the reason."""
+    status = await probe.status()
+    if status.reachable and status.model_available:
+        return OrjsonResponse(_body("ready", backend, status, log))
+    body = _body("unavailable", backend, status, log)
+    body["reason"] = status.reason
+    return OrjsonResponse(body, status_code=503)
+
+
+@router.get("/models")
+async def models(backend: BackendDep) -> OrjsonResponse:
+    """The models the upstream has, with their sizes in bytes."""
+    found = await backend.list_models()
+    return OrjsonResponse(
+        {
+            "default": backend.default_model,
+            "models": [
+                {"name": m.name, "size": m.size, "modified_at": m.modified_at, "details": m.details} for m in found
+            ],
+        }
+    )

@@ -1,0 +1,114 @@
+"""WS /ws/generate: prompts in, `start` / `token` / `done` | `error` frames out, one connection for many prompts."""
+
+import asyncio
+import logging
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from app.backends import Backend
+from app.core import Exchange, log_rejected, stream_generation
+from app.errors import InvalidRequest, MiniVaultError
+from app.interactions import JsonlWriter
+from app.request_id import acceptable_request_id, client_of, new_request_id
+from app.schemas import parse_generate_request
+
+router = APIRouter()
+logger = logging.getLogger(__name__)
+
+_BUSY = 'a generation is already running on this connection: wait for its "done" frame or send {"type": "cancel"}'
+
+
+class _Session:
+    """One websocket: reads frames while at most one generation streams back."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        state = websocket.app.state
+        self.websocket = websocket
+        self.backend: Backend = state.backend
+        self.log: JsonlWriter = state.interaction_log
+        self.max_prompt_chars: int = state.settings.max_prompt_chars
+        self.client = client_of(websocket)
+        self.task: asyncio.Task[None] | None = None
+        self.scope: anyio.CancelScope | None = None
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        if self.websocket.application_state is WebSocketState.CONNECTED:
+            await self.websocket.send_text(orjson.dumps(frame).decode())
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                await self.handle(message.get("text") or message.get("bytes") or b"")
+        finally:
+            if self.task is not None and not self.task.done():
+                # The client left: stop the upstream at once; the exchange logs itself as cancelled.
+                self.task.cancel()
+                await asyncio.gather(self.task, return_exceptions=True)
+
+    async def handle(self, raw: str | bytes) -> None:
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            await self.reject(
+                new_request_id(), InvalidRequest(f'the frame is not valid JSON ({exc}): send {{"prompt": "Hello"}}')
+            )
+            return
+        if not isinstance(payload, dict):
+            await self.reject(
+                new_request_id(), InvalidRequest('each frame must be a JSON object like {"prompt": "Hello"}')
+            )
+            return
+        kind = payload.pop("type", "generate")
+        request_id = acceptable_request_id(payload.pop("id", None)) or new_request_id()
+        if kind == "cancel":
+            if self.scope is not None:
+                self.scope.cancel()
+            return
+        if kind != "generate":
+            await self.reject(
+                request_id, InvalidRequest(f'type: unknown frame type {kind!r}; use "generate" or "cancel"'), payload
+            )
+            return
+        if self.task is not None and not self.task.done():
+            await self.reject(request_id, InvalidRequest(_BUSY), payload)
+            return
+        try:
+            request = parse_generate_request(payload, self.max_prompt_chars)
+        except InvalidRequest as exc:
+            await self.reject(request_id, exc, payload)
+            return
+        exchange = Exchange(request_id, "ws", self.client, request, self.backend)
+        self.scope = anyio.CancelScope()
+        self.task = asyncio.create_task(self.generate(exchange, self.scope))
+
+    async def generate(self, exchange: Exchange, scope: anyio.CancelScope) -> None:
+        try:
+            await self.send({"type": "start", "id": exchange.id, "model": exchange.model})
+            with scope:
+                async with aclosing(stream_generation(exchange, self.backend, self.log)) as chunks:
+                    async for text in chunks:
+                        await self.send({"type": "token", "content": text})
+            await self.send({"type": "done", **exchange.result()})
+        except MiniVaultError as exc:
+            await self.send({"type": "error", **exc.to_dict(exchange.id)})
+        except (WebSocketDisconnect, OSError):
+            logger.debug("websocket %s left during %s", self.client, exchange.id)
+
+    async def reject(self, request_id: str, error: InvalidRequest, payload: dict[str, Any] | None = None) -> None:
+        log_rejected(self.log, self.backend, request_id, "ws", self.client, error, prompt=(payload or {}).get("prompt"))
+        await self.send({"type": "error", **error.to_dict(request_id)})
+
+
+@router.websocket("/ws/generate")
+async def ws_generate(websocket: WebSocket) -> None:
+    """Stream answers over a websocket; see the README for the frame protocol."""
+    await websocket.accept()
+    await _Session(websocket).serve()

@@ -1,0 +1,180 @@
+"""A fake Ollama: a real HTTP server that streams `/api/generate` as NDJSON, token by token.
+
+The model name picks the behaviour, so one server serves every test:
+  any name in `models`   echo the prompt back, one word per line, `fake.delay` seconds apart
+  "slow:latest"          like echo but 400 tokens, 20 ms apart (for cancel / disconnect tests)
+  "split:latest"         echo, but every line is sent in 3-byte pieces (split UTF-8 included)
+  "fail-500:latest"      answers 500 with an `error` object
+  "error-line:latest"    two tokens, then an in-band `{"error": ...}` line
+  "no-done:latest"       tokens, then the stream ends without `done`
+  "garbage:latest"       a token, then a line that is not JSON
+  "break:latest"         a token, then the TCP connection is cut mid-response
+  "hang:latest"          never answers (until the client gives up)
+  anything else          404, as Ollama answers for a model that is not pulled
+Like Ollama, it stops generating only when it notices its client has gone, by watching
+`receive()` for `http.disconnect`, and counts those disconnects for the tests.
+"""
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from starlette.types import Message, Receive, Scope, Send
+
+DEFAULT_MODELS = ["tinyllama:1.1b-chat", "llama3:latest"]
+SPECIAL_MODELS = [
+    "slow:latest", "split:latest", "fail-500:latest", "error-line:latest", "no-done:latest",
+    "garbage:latest", "break:latest", "hang:latest",
+]  # fmt: skip
+
+
+class FakeOllama:
+    """An ASGI app plus counters the tests can wait on."""
+
+    def __init__(self, models: list[str] | None = None, delay: float = 0.0) -> None:
+        self.models = list(models or DEFAULT_MODELS) + SPECIAL_MODELS
+        self.delay = delay
+        self.requests: list[dict[str, Any]] = []
+        self.started = 0
+        self.finished = 0
+        self.disconnects = 0
+        self._changed = threading.Condition()
+
+    @property
+    def active(self) -> int:
+        return self.started - self.finished - self.disconnects
+
+    def wait_until(self, predicate: Callable[["FakeOllama"], bool], timeout: float = 10.0) -> None:
+        """Block the calling thread until `predicate(self)` holds; fail after `timeout` seconds."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: predicate(self), timeout=timeout):
+                raise AssertionError(
+                    f"fake Ollama never reached the expected state (started={self.started}, "
+                    f"finished={self.finished}, disconnects={self.disconnects})"
+                )
+
+    def _count(self, field: str) -> None:
+        with self._changed:
+            setattr(self, field, getattr(self, field) + 1)
+            self._changed.notify_all()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/" and method in ("GET", "HEAD"):
+            await _respond(send, 200, b"Ollama is running", b"text/plain")
+        elif path == "/api/version":
+            await _json(send, 200, {"version": "0.0.0-fake"})
+        elif path == "/api/tags":
+            models = [{"name": name, "model": name, "size": 1000 + i, "modified_at": "2026-01-01T00:00:00Z",
+                       "details": {"family": "fake"}} for i, name in enumerate(self.models)]  # fmt: skip
+            await _json(send, 200, {"models": models})
+        elif path == "/api/generate" and method == "POST":
+            await self._generate(orjson.loads(await _read_body(receive)), receive, send)
+        else:
+            await _respond(send, 404, b"404 page not found", b"text/plain")
+
+    async def _generate(self, payload: dict[str, Any], receive: Receive, send: Send) -> None:
+        self.requests.append(payload)
+        model = payload.get("model", "")
+        if ":" not in model:
+            model += ":latest"
+        if model not in self.models:
+            await _json(send, 404, {"error": f"model '{model}' not found, try pulling it first"})
+            return
+        if model == "fail-500:latest":
+            await _json(send, 500, {"error": "llama runner process has terminated: signal: killed"})
+            return
+        self._count("started")
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            finished = await self._stream(payload, model, send, gone)
+        finally:
+            watcher.cancel()
+        self._count("finished" if finished else "disconnects")
+
+    async def _stream(self, payload: dict[str, Any], model: str, send: Send, gone: asyncio.Event) -> bool:
+        if model == "hang:latest":
+            await gone.wait()
+            return False
+        options = payload.get("options") or {}
+        prompt = payload.get("prompt", "")
+        words = re.findall(r"\S+\s*", prompt) or [prompt]
+        delay = self.delay
+        if model == "slow:latest":
+            words, delay = [f"w{i} " for i in range(400)], 0.02
+        limit = options.get("num_predict")
+        tokens = words[:limit] if isinstance(limit, int) and limit >= 0 else words
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson")]})  # fmt: skip
+        started = time.monotonic_ns()
+        for index, token in enumerate(tokens):
+            if delay:
+                try:
+                    await asyncio.wait_for(gone.wait(), delay)
+                except TimeoutError:
+                    pass
+            if gone.is_set():
+                return False
+            await self._send_line(send, model, {"model": model, "created_at": _now(), "response": token, "done": False})
+            if model in ("error-line:latest", "garbage:latest", "break:latest", "no-done:latest") and index == 1:
+                break
+        if model == "error-line:latest":
+            await self._send_line(
+                send, model, {"error": "an error was encountered while running the model: GGML_ASSERT"}
+            )
+        elif model == "garbage:latest":
+            await send({"type": "http.response.body", "body": b"<html>proxy error</html>\n", "more_body": True})
+        elif model == "break:latest":
+            raise ConnectionAbortedError("fake Ollama cuts the connection on purpose")
+        elif model != "no-done:latest":
+            final = {
+                "model": model, "created_at": _now(), "response": "", "done": True,
+                "done_reason": "length" if len(tokens) < len(words) else "stop",
+                "total_duration": time.monotonic_ns() - started, "load_duration": 1000,
+                "prompt_eval_count": len(words), "prompt_eval_duration": 1000,
+                "eval_count": len(tokens), "eval_duration": 1000,
+            }  # fmt: skip
+            await self._send_line(send, model, final)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
+
+    async def _send_line(self, send: Send, model: str, event: dict[str, Any]) -> None:
+        line = orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
+        pieces = [line[i : i + 3] for i in range(0, len(line), 3)] if model == "split:latest" else [line]
+        for piece in pieces:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+async def _read_body(receive: Receive) -> bytes:
+    body = b""
+    while True:
+        message: Message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
+    await _respond(send, status, orjson.dumps(body), b"application/json; charset=utf-8")
