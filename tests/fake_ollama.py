@@ -178,3 +178,20 @@ async def _respond(send: Send, status: int, body: bytes, content_type: bytes) ->
 
 async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
     await _respond(send, status, orjson.dumps(body), b"application/json; charset=utf-8")
+
+
+def main() -> None:
+    """Serve the fake on a loopback port: `python -m tests.fake_ollama --port 11434 [--delay 0.05]`."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
+    args = parser.parse_args()
+    uvicorn.run(FakeOllama(delay=args.delay), host="127.0.0.1", port=args.port, lifespan="off", log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

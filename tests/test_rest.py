@@ -1,5 +1,6 @@
 """POST /generate without streaming, against a real server and the fake Ollama over loopback."""
 
+import socket
 from pathlib import Path
 
 import httpx
@@ -215,3 +216,21 @@ def test_non_ascii_round_trips_through_api_and_log(minivault: RunningServer, log
     assert line["prompt"] == prompt
     assert line["response"] == prompt
     assert prompt.encode() in log_path.read_bytes()
+
+
+def test_client_hanging_up_cancels_the_upstream_request(
+    minivault: RunningServer, fake: FakeOllama, log_path: Path
+) -> None:
+    body = b'{"prompt": "x", "model": "slow"}'
+    with socket.create_connection((minivault.host, minivault.port)) as conn:
+        conn.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        fake.wait_until(lambda f: f.started == 1)
+    # The socket is closed; Ollama would otherwise generate all 400 tokens for nobody.
+    fake.wait_until(lambda f: f.disconnects == 1)
+    assert fake.finished == 0
+    minivault.stop()
+    [line] = read_log(log_path)
+    assert (line["endpoint"], line["status"], line["done_reason"]) == ("rest", "cancelled", "cancelled")

@@ -31,7 +31,7 @@ class JsonlWriter:
         self.last_error: str | None = None
         self.lines_written = 0
         self.lines_dropped = 0
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[bytes | threading.Event | None] = queue.SimpleQueue()
         self._pending: deque[bytes] = deque(maxlen=max_pending)
         self._thread = threading.Thread(target=self._run, name="minivault-log-writer", daemon=True)
 
@@ -47,6 +47,12 @@ class JsonlWriter:
         """Queue one record; never blocks and never raises for disk trouble."""
         self._queue.put(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until every record queued before the call has been written or has failed."""
+        marker = threading.Event()
+        self._queue.put(marker)
+        return marker.wait(timeout)
+
     async def aclose(self) -> None:
         """Flush everything queued so far, then stop the writer thread."""
         if self._thread.is_alive():
@@ -56,23 +62,24 @@ class JsonlWriter:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                stopping = True
-            else:
-                self._add_pending(item)
+            markers: list[threading.Event] = []
+            item: bytes | threading.Event | None = self._queue.get()
             # Drain whatever else is queued so one write() carries the whole burst.
             while True:
+                if item is _STOP:
+                    stopping = True
+                elif isinstance(item, threading.Event):
+                    markers.append(item)
+                else:
+                    self._add_pending(item)
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is _STOP:
-                    stopping = True
-                else:
-                    self._add_pending(item)
             if self._pending:
                 self._flush()
+            for marker in markers:
+                marker.set()
         if self._pending:
             logger.error("interaction log %s: %d lines could not be written", self.path, len(self._pending))
 
