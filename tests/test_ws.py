@@ -141,3 +141,9 @@ async def test_disconnect_mid_stream_closes_the_upstream_request(
     minivault.stop()
     [line] = read_log(log_path)
     assert (line["endpoint"], line["status"], line["done_reason"]) == ("ws", "cancelled", "cancelled")
+
+
+async def test_handshake_carries_the_request_id(minivault: RunningServer) -> None:
+    async with connect(f"{minivault.ws_url}/ws/generate", additional_headers={"X-Request-ID": "ws-conn-1"}) as ws:
+        assert ws.response is not None
+        assert ws.response.headers["x-request-id"] == "ws-conn-1"
