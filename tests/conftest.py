@@ -35,7 +35,7 @@ def log_path(tmp_path: Path) -> Path:
 
 def make_settings(**overrides: Any) -> Settings:
     """Settings that ignore the developer's `.env` and environment-specific defaults."""
-    defaults: dict[str, Any] = {"health_cache_seconds": 0, "read_timeout": 10.0}
+    defaults: dict[str, Any] = {"backend": "ollama", "health_cache_seconds": 0, "read_timeout": 10.0}
     return Settings(_env_file=None, **{**defaults, **overrides})  # type: ignore[call-arg]
 
 

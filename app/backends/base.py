@@ -1,13 +1,17 @@
-"""The interface every upstream implements, and the line parser streamed answers share."""
+"""The interface every upstream implements, and the helpers their wire formats share."""
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpx
 import orjson
 
-from app.errors import BackendError
+from app.errors import BackendError, BackendTimeout, BackendUnavailable, MiniVaultError
 from app.schemas import GenerateRequest
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -37,14 +41,17 @@ class BackendStatus:
 
 
 class Backend(Protocol):
-    """One upstream LLM server: streams text chunks and fills in a Completion at the end."""
+    """One upstream LLM: streams text chunks and fills in a Completion at the end."""
 
     name: str
     url: str
     default_model: str
 
     def stream(self, request: GenerateRequest, model: str, completion: Completion) -> AsyncIterator[str]:
-        """Yield the answer's text chunks as they arrive; raise MiniVaultError subclasses on failure."""
+        """Yield the answer's text chunks as they arrive; raise MiniVaultError subclasses on failure.
+
+        Closing the iterator early must close the upstream request, so generation stops.
+        """
         ...
 
     async def list_models(self) -> list[ModelInfo]:
@@ -56,22 +63,46 @@ class Backend(Protocol):
         ...
 
 
-async def iter_json_lines(chunks: AsyncIterator[bytes], source: str) -> AsyncIterator[dict[str, Any]]:
-    """Parse newline-delimited JSON from byte chunks that may split a line anywhere."""
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """How error messages name an upstream and tell the user to start it."""
+
+    label: str
+    url: str
+    start_hint: str
+
+
+async def iter_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Split byte chunks into lines (without the newline); a line may span any number of chunks."""
     buffer = b""
     async for chunk in chunks:
-        buffer += chunk
         if b"\n" not in chunk:
+            buffer += chunk
             continue
-        *lines, buffer = buffer.split(b"\n")
+        *lines, rest = (buffer + chunk).split(b"\n")
+        buffer = rest
         for line in lines:
-            if line.strip():
-                yield _load_line(line, source)
-    if buffer.strip():
-        yield _load_line(buffer, source)
+            yield line
+    if buffer:
+        yield buffer
 
 
-def _load_line(line: bytes, source: str) -> dict[str, Any]:
+async def iter_json_lines(chunks: AsyncIterator[bytes], source: str) -> AsyncIterator[dict[str, Any]]:
+    """Parse newline-delimited JSON (Ollama's stream format), skipping blank lines."""
+    async for line in iter_lines(chunks):
+        if line.strip():
+            yield load_json_object(line, source)
+
+
+async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The `data:` payloads of a Server-Sent Events stream (OpenAI's format); other fields are skipped."""
+    async for line in iter_lines(chunks):
+        if line.startswith(b"data:"):
+            yield line[5:].strip()
+
+
+def load_json_object(line: bytes, source: str) -> dict[str, Any]:
+    """One JSON object from a stream line, or BackendError saying what arrived instead."""
     try:
         event = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -79,3 +110,38 @@ def _load_line(line: bytes, source: str) -> dict[str, Any]:
     if not isinstance(event, dict):
         raise BackendError(f"{source} sent a line that is not a JSON object: {line[:200]!r}")
     return event
+
+
+def error_text(response: httpx.Response) -> str:
+    """The error message inside an error response, whichever common shape it has."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error or response.text[:500])
+
+
+def transport_error(exc: httpx.HTTPError, upstream: Upstream, timeout: httpx.Timeout) -> MiniVaultError:
+    """Translate an httpx failure into the error table, naming the setting that changes it."""
+    where = f"{upstream.label} at {upstream.url}"
+    if isinstance(exc, httpx.ConnectTimeout):
+        return BackendTimeout(
+            f"{where} did not accept a connection within {timeout.connect} s "
+            "(connect timeout; raise MINIVAULT_CONNECT_TIMEOUT)"
+        )
+    if isinstance(exc, httpx.ReadTimeout):
+        return BackendTimeout(f"{where} sent nothing for {timeout.read} s (read timeout; raise MINIVAULT_READ_TIMEOUT)")
+    if isinstance(exc, httpx.PoolTimeout):
+        return BackendTimeout(
+            f"every pooled connection to {upstream.label} stayed busy for {timeout.pool} s "
+            "(raise MINIVAULT_UPSTREAM_MAX_CONNECTIONS)"
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return BackendTimeout(f"{where} timed out: {exc}")
+    if isinstance(exc, httpx.ConnectError):
+        return BackendUnavailable(f"cannot reach {where}: {upstream.start_hint}")
+    logger.warning("%s transport error: %r", upstream.label, exc)
+    return BackendError(f"the connection to {where} broke: {exc or type(exc).__name__}")

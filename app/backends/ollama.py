@@ -1,17 +1,22 @@
 """Ollama's native API: `POST /api/generate` streamed as NDJSON, and `/api/tags` for models."""
 
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import orjson
 
-from app.backends.base import BackendStatus, Completion, ModelInfo, iter_json_lines
-from app.errors import BackendError, BackendTimeout, BackendUnavailable, MiniVaultError, ModelNotFound
+from app.backends.base import (
+    BackendStatus,
+    Completion,
+    ModelInfo,
+    Upstream,
+    error_text,
+    iter_json_lines,
+    transport_error,
+)
+from app.errors import BackendError, InvalidRequest, MiniVaultError, ModelNotFound
 from app.schemas import GenerateRequest
-
-logger = logging.getLogger(__name__)
 
 _JSON = {"Content-Type": "application/json"}
 
@@ -25,6 +30,9 @@ class OllamaBackend:
         self._client = client
         self.url = url
         self.default_model = default_model
+        self._upstream = Upstream(
+            "Ollama", url, "start it with `ollama serve` or `docker compose up -d`, or point OLLAMA_BASE_URL at one"
+        )
 
     async def stream(self, request: GenerateRequest, model: str, completion: Completion) -> AsyncIterator[str]:
         """Yield text chunks as Ollama produces them; closing the iterator closes the upstream request."""
@@ -52,16 +60,16 @@ class OllamaBackend:
                         return
                 raise BackendError("Ollama closed the stream before its final 'done' line; the answer is incomplete")
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from exc
+            raise transport_error(exc, self._upstream, self._client.timeout) from exc
 
     async def list_models(self) -> list[ModelInfo]:
         """The models Ollama has pulled, from `/api/tags`."""
         try:
             response = await self._client.get("/api/tags")
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from exc
+            raise transport_error(exc, self._upstream, self._client.timeout) from exc
         if response.status_code != 200:
-            raise BackendError(f"Ollama answered {response.status_code} to /api/tags: {_error_text(response)}")
+            raise BackendError(f"Ollama answered {response.status_code} to /api/tags: {error_text(response)}")
         return [
             ModelInfo(
                 name=item.get("name") or item.get("model", ""),
@@ -88,10 +96,11 @@ class OllamaBackend:
 
     async def _status_error(self, response: httpx.Response, model: str) -> MiniVaultError:
         await response.aread()
-        text = _error_text(response)
         if response.status_code == 404:
             return ModelNotFound(await self._missing_model_message(model))
-        return BackendError(f"Ollama answered {response.status_code}: {text}")
+        if response.status_code == 400:
+            return InvalidRequest(f"Ollama rejected the request: {error_text(response)}")
+        return BackendError(f"Ollama answered {response.status_code}: {error_text(response)}")
 
     async def _missing_model_message(self, model: str) -> str:
         try:
@@ -102,40 +111,7 @@ class OllamaBackend:
             f"model '{model}' is not installed in Ollama (installed: {installed}); pull it with `ollama pull {model}`"
         )
 
-    def _transport_error(self, exc: httpx.HTTPError) -> MiniVaultError:
-        timeout = self._client.timeout
-        if isinstance(exc, httpx.ConnectTimeout):
-            return BackendTimeout(
-                f"Ollama at {self.url} did not accept a connection within {timeout.connect} s "
-                "(connect timeout; raise MINIVAULT_CONNECT_TIMEOUT)"
-            )
-        if isinstance(exc, httpx.ReadTimeout):
-            return BackendTimeout(
-                f"Ollama at {self.url} sent nothing for {timeout.read} s (read timeout; raise MINIVAULT_READ_TIMEOUT)"
-            )
-        if isinstance(exc, httpx.PoolTimeout):
-            return BackendTimeout(
-                f"every pooled connection to Ollama stayed busy for {timeout.pool} s "
-                "(raise MINIVAULT_UPSTREAM_MAX_CONNECTIONS)"
-            )
-        if isinstance(exc, httpx.TimeoutException):
-            return BackendTimeout(f"Ollama at {self.url} timed out: {exc}")
-        if isinstance(exc, httpx.ConnectError):
-            return BackendUnavailable(
-                f"cannot reach Ollama at {self.url}: start it with `ollama serve` or `docker compose up -d`, "
-                "or point OLLAMA_BASE_URL at a running one"
-            )
-        logger.warning("Ollama transport error: %r", exc)
-        return BackendError(f"the connection to Ollama at {self.url} broke: {exc or type(exc).__name__}")
-
 
 def model_in(model: str, names: set[str | None]) -> bool:
     """Ollama treats a name without a tag as `:latest`."""
     return model in names or (":" not in model and f"{model}:latest" in names)
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("error") or response.text)
-    except ValueError:
-        return response.text[:500] or response.reason_phrase

@@ -1,0 +1,165 @@
+"""Any OpenAI-compatible server (llama.cpp's llama-server, vLLM, LM Studio, LocalAI, Ollama's /v1).
+
+`POST /v1/chat/completions` with `stream: true`, read as Server-Sent Events.
+"""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from app.backends.base import (
+    BackendStatus,
+    Completion,
+    ModelInfo,
+    Upstream,
+    error_text,
+    iter_sse_data,
+    load_json_object,
+    transport_error,
+)
+from app.errors import BackendError, InvalidRequest, MiniVaultError, ModelNotFound
+from app.schemas import GenerateRequest
+
+_JSON = {"Content-Type": "application/json"}
+# Ollama option -> request field. OpenAI's own, then the sampling extensions llama.cpp and vLLM accept.
+_OPTION_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+    "num_predict": "max_tokens",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "typical_p": "typical_p",
+    "repeat_penalty": "repeat_penalty",
+    "repeat_last_n": "repeat_last_n",
+}
+
+
+class OpenAICompatBackend:
+    """Streams chat completions from an OpenAI-compatible server through a pooled httpx client."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, url: str, default_model: str, *, name: str = "openai", upstream: Upstream
+    ) -> None:
+        self._client = client
+        self.name = name
+        self.url = url
+        self.default_model = default_model
+        self._upstream = upstream
+
+    async def stream(self, request: GenerateRequest, model: str, completion: Completion) -> AsyncIterator[str]:
+        """Yield content deltas as they arrive; closing the iterator closes the upstream request."""
+        self.check_model(model)
+        payload = self._payload(request, model)
+        label = self._upstream.label
+        finished = False
+        try:
+            async with self._client.stream(
+                "POST", "/v1/chat/completions", content=orjson.dumps(payload), headers=_JSON
+            ) as response:
+                if response.status_code != 200:
+                    raise await self._status_error(response, model)
+                async for data in iter_sse_data(response.aiter_bytes()):
+                    if data == b"[DONE]":
+                        finished = True
+                        break
+                    event = load_json_object(data, label)
+                    if "error" in event:
+                        raise BackendError(f"{label}: {_message(event['error'])}")
+                    for choice in event.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            yield text
+                        if choice.get("finish_reason"):
+                            completion.done_reason = choice["finish_reason"]
+                            finished = True
+                    if usage := event.get("usage"):
+                        completion.prompt_tokens = usage.get("prompt_tokens")
+                        completion.completion_tokens = usage.get("completion_tokens")
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._upstream, self._client.timeout) from exc
+        if not finished:
+            raise BackendError(f"{label} closed the stream before it finished; the answer is incomplete")
+
+    def check_model(self, model: str) -> None:
+        """Refuse a model before calling the server; a general server decides for itself."""
+
+    def _payload(self, request: GenerateRequest, model: str) -> dict[str, Any]:
+        messages = [{"role": "user", "content": request.prompt}]
+        if request.system is not None:
+            messages.insert(0, {"role": "system", "content": request.system})
+        payload: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        options = request.upstream_options() or {}
+        unsupported = sorted(set(options) - set(_OPTION_FIELDS))
+        if unsupported:
+            raise InvalidRequest(
+                f"options.{unsupported[0]}: not supported by the {self.name} backend (it is an Ollama load-time "
+                f"option); supported: {', '.join(sorted(_OPTION_FIELDS))}"
+            )
+        for option, value in options.items():
+            if option == "num_predict" and value < 0:
+                continue  # Ollama's "no limit" (-1) and "fill the context" (-2) are the server default.
+            payload[_OPTION_FIELDS[option]] = value
+        return payload
+
+    async def list_models(self) -> list[ModelInfo]:
+        """The models the server lists at `/v1/models`."""
+        try:
+            response = await self._client.get("/v1/models")
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._upstream, self._client.timeout) from exc
+        if response.status_code != 200:
+            raise BackendError(f"{self._upstream.label} answered {response.status_code} to /v1/models: "
+                               f"{error_text(response)}")  # fmt: skip
+        return [
+            ModelInfo(name=item.get("id", ""), details={"owned_by": item.get("owned_by")})
+            for item in response.json().get("data", [])
+        ]
+
+    async def probe(self, seconds: float) -> BackendStatus:
+        """Reachability and default-model check against `/v1/models`, bounded by `seconds`."""
+        label = self._upstream.label
+        try:
+            response = await self._client.get("/v1/models", timeout=seconds)
+            response.raise_for_status()
+            ids = {item.get("id") for item in response.json().get("data", [])}
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            return BackendStatus(False, False, f"{label} is not answering at {self.url} ({type(exc).__name__})")
+        if self.default_model in ids:
+            return BackendStatus(True, True)
+        return BackendStatus(True, False, f"{label} does not list model '{self.default_model}' (it lists: "
+                                          f"{', '.join(sorted(map(str, ids))) or 'none'})")  # fmt: skip
+
+    async def _status_error(self, response: httpx.Response, model: str) -> MiniVaultError:
+        await response.aread()
+        label, status, text = self._upstream.label, response.status_code, error_text(response)
+        if status in (401, 403):
+            return BackendError(
+                f"{label} refused the credentials ({status}: {text}); set OPENAI_API_KEY to a key it accepts"
+            )
+        if status == 404:
+            try:
+                served = ", ".join(sorted(info.name for info in await self.list_models())) or "none"
+            except MiniVaultError:
+                served = "unknown: /v1/models failed too"
+            return ModelNotFound(
+                f"model '{model}' is not served by {label} at {self.url} (it serves: {served}); "
+                "name one of those, or set OPENAI_MODEL"
+            )
+        if status == 400:
+            return InvalidRequest(f"{label} rejected the request: {text}")
+        return BackendError(f"{label} answered {status}: {text}")
+
+
+def _message(error: object) -> str:
+    return str(error.get("message", error)) if isinstance(error, dict) else str(error)
