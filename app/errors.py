@@ -57,6 +57,13 @@ class BackendError(MiniVaultError):
     code = "backend_error"
 
 
+class NotSupported(MiniVaultError):
+    """The backend in use cannot do this (for example pulling a model anywhere but Ollama)."""
+
+    status = 501
+    code = "not_supported"
+
+
 class RouteNotFound(MiniVaultError):
     """No route matches the path."""
 

@@ -17,7 +17,7 @@ from app.health import BackendProbe
 from app.interactions import JsonlWriter
 from app.request_id import HEADER, RequestIdMiddleware, request_id_of
 from app.responses import OrjsonResponse
-from app.routes import generate, health, ws
+from app.routes import generate, health, models, ws
 from app.schemas import describe_validation_errors
 
 logger = logging.getLogger("app")
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generate.router)
     app.include_router(ws.router)
     app.include_router(health.router)
+    app.include_router(models.router)
     return app
 
 

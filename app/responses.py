@@ -1,7 +1,7 @@
 """Response helpers: orjson bodies, and racing a coroutine against the client hanging up."""
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import anyio
@@ -42,3 +42,16 @@ async def cancel_on_disconnect(receive: Receive, work: Awaitable[T]) -> T:
         finally:
             watcher.cancel()
     raise ClientGone
+
+
+async def first_item(items: AsyncIterator[T]) -> T | None:
+    """The first item (None when there is none), closing the iterator if getting it fails.
+
+    Streams wait for their first item before sending a 200, so a failure that happens
+    before anything was produced is still an ordinary HTTP error with the right status.
+    """
+    try:
+        return await anext(items, None)
+    except BaseException:
+        await items.aclose()  # type: ignore[attr-defined]
+        raise

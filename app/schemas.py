@@ -1,10 +1,12 @@
 """Pydantic models for what crosses the API boundary, and the request parser REST and WS share."""
 
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.errors import InvalidRequest
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Options(BaseModel):
@@ -91,17 +93,29 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def parse_generate_request(raw: bytes | str | dict[str, Any], max_prompt_chars: int) -> GenerateRequest:
-    """Validate a generate request, raising InvalidRequest whose message names the field and why."""
+class PullRequest(BaseModel):
+    """The body of `POST /models/pull`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(min_length=1, description="The model to download, e.g. tinyllama:1.1b-chat.")
+
+
+def parse_body(model: type[M], raw: bytes | str | dict[str, Any], example: str) -> M:
+    """Validate a JSON body, raising InvalidRequest whose message names the field and why."""
     try:
         if isinstance(raw, dict):
-            request = GenerateRequest.model_validate(raw)
-        else:
-            if not raw or not str(raw).strip():
-                raise InvalidRequest('the body is empty: send a JSON object like {"prompt": "Hello"}')
-            request = GenerateRequest.model_validate_json(raw)
+            return model.model_validate(raw)
+        if not raw or not str(raw).strip():
+            raise InvalidRequest(f"the body is empty: send a JSON object like {example}")
+        return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise InvalidRequest(describe_validation_errors(exc)) from None
+        raise InvalidRequest(describe_validation_errors(exc, example)) from None
+
+
+def parse_generate_request(raw: bytes | str | dict[str, Any], max_prompt_chars: int) -> GenerateRequest:
+    """Validate a generate request, including the prompt length limit."""
+    request = parse_body(GenerateRequest, raw, '{"prompt": "Hello"}')
     if len(request.prompt) > max_prompt_chars:
         raise InvalidRequest(
             f"prompt: is {len(request.prompt)} characters; the limit is {max_prompt_chars} (MINIVAULT_MAX_PROMPT_CHARS)"
@@ -109,7 +123,7 @@ def parse_generate_request(raw: bytes | str | dict[str, Any], max_prompt_chars: 
     return request
 
 
-def describe_validation_errors(exc: ValidationError) -> str:
+def describe_validation_errors(exc: ValidationError, example: str = '{"prompt": "Hello"}') -> str:
     """Pydantic's errors as `field: why` phrases a person can act on."""
     phrases = []
     for error in exc.errors(include_url=False):
@@ -117,9 +131,9 @@ def describe_validation_errors(exc: ValidationError) -> str:
         field = ".".join(str(part) for part in error["loc"])
         if kind == "json_invalid":
             reason = error.get("ctx", {}).get("error", "invalid JSON")
-            phrases.append(f'the body is not valid JSON ({reason}): send an object like {{"prompt": "Hello"}}')
+            phrases.append(f"the body is not valid JSON ({reason}): send an object like {example}")
         elif kind == "model_type" or (kind == "model_attributes_type" and not field):
-            phrases.append('the body must be a JSON object like {"prompt": "Hello"}')
+            phrases.append(f"the body must be a JSON object like {example}")
         elif kind == "extra_forbidden":
             phrases.append(f"{field}: unknown field; remove it")
         elif kind == "missing":

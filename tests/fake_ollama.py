@@ -11,6 +11,8 @@ The model name picks the behaviour, so one server serves every test:
   "break:latest"         a token, then the TCP connection is cut mid-response
   "hang:latest"          never answers (until the client gives up)
   anything else          404, as Ollama answers for a model that is not pulled
+`/api/pull` streams progress for any name (and adds it to `models`), except names starting
+"no-such", which end in the registry's "file does not exist" error line.
 Like Ollama, it stops generating only when it notices its client has gone, by watching
 `receive()` for `http.disconnect`, and counts those disconnects for the tests.
 """
@@ -74,6 +76,8 @@ class FakeOllama:
             models = [{"name": name, "model": name, "size": 1000 + i, "modified_at": "2026-01-01T00:00:00Z",
                        "details": {"family": "fake"}} for i, name in enumerate(self.models)]  # fmt: skip
             await _json(send, 200, {"models": models})
+        elif path == "/api/pull" and method == "POST":
+            await self._pull(orjson.loads(await _read_body(receive)), send)
         elif path == "/api/generate" and method == "POST":
             await self._generate(orjson.loads(await _read_body(receive)), receive, send)
         else:
@@ -104,6 +108,29 @@ class FakeOllama:
         finally:
             watcher.cancel()
         self._count("finished" if finished else "disconnects")
+
+    async def _pull(self, payload: dict[str, Any], send: Send) -> None:
+        """Ollama's pull progress: a manifest, two layers downloading in steps, then success."""
+        model = payload.get("model", "")
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson")]})  # fmt: skip
+        lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+        if model.startswith("no-such"):
+            lines.append({"error": "pull model manifest: file does not exist"})
+        else:
+            for digest, total in (("sha256:2af3b81862c6", 637_000_000), ("sha256:af0ddbdaaa26", 1_200)):
+                lines += [
+                    {"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, "completed": done}
+                    for done in (0, total // 4, total // 2, total)
+                ]
+            lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+        for line in lines:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            await send({"type": "http.response.body", "body": orjson.dumps(line) + b"\n", "more_body": True})
+        if not model.startswith("no-such"):
+            self.models.append(model if ":" in model else f"{model}:latest")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stream(self, payload: dict[str, Any], model: str, send: Send, gone: asyncio.Event) -> bool:
         if model == "hang:latest":

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import httpx
 
-from app.backends.base import Backend, BackendStatus, Completion, ModelInfo, Upstream
+from app.backends.base import Backend, BackendStatus, Completion, ModelInfo, SupportsPull, Upstream
 from app.backends.embedded import EmbeddedBackend, EmbeddedEngine, bundled_model_path, default_threads, engine_installed
 from app.backends.ollama import OllamaBackend
 from app.backends.openai_compat import OpenAICompatBackend
 from app.config import Settings
 from app.errors import MiniVaultError
 
-__all__ = ["Backend", "BackendStatus", "Completion", "ModelInfo", "OllamaBackend", "open_backend"]
+__all__ = ["Backend", "BackendStatus", "Completion", "ModelInfo", "OllamaBackend", "SupportsPull", "open_backend"]
 
 logger = logging.getLogger(__name__)
 

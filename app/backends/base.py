@@ -3,7 +3,7 @@
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 import orjson
@@ -60,6 +60,15 @@ class Backend(Protocol):
 
     async def probe(self, seconds: float) -> BackendStatus:
         """Check reachability and the default model within `seconds`; never raises."""
+        ...
+
+
+@runtime_checkable
+class SupportsPull(Protocol):
+    """A backend that can download models on request (Ollama)."""
+
+    def pull(self, model: str) -> AsyncIterator[dict[str, Any]]:
+        """Progress events until `{"status": "success"}`; raise MiniVaultError on failure."""
         ...
 
 

@@ -62,6 +62,28 @@ class OllamaBackend:
         except httpx.HTTPError as exc:
             raise transport_error(exc, self._upstream, self._client.timeout) from exc
 
+    async def pull(self, model: str) -> AsyncIterator[dict[str, Any]]:
+        """Ollama's `/api/pull` progress lines (`status`, and `digest`/`total`/`completed` per layer)."""
+        payload = orjson.dumps({"model": model, "stream": True})
+        try:
+            # Layers can take minutes; progress lines keep arriving, so only the gap between them is bounded.
+            async with self._client.stream("POST", "/api/pull", content=payload, headers=_JSON) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise BackendError(f"Ollama answered {response.status_code} to pull: {error_text(response)}")
+                async for event in iter_json_lines(response.aiter_bytes(), "Ollama"):
+                    if "error" in event:
+                        message = str(event["error"])
+                        if "file does not exist" in message:
+                            raise ModelNotFound(f"Ollama's registry has no model '{model}' ({message})")
+                        raise BackendError(f"Ollama: {message}")
+                    yield event
+                    if event.get("status") == "success":
+                        return
+                raise BackendError("Ollama closed the pull before reporting success")
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._upstream, self._client.timeout) from exc
+
     async def list_models(self) -> list[ModelInfo]:
         """The models Ollama has pulled, from `/api/tags`."""
         try:

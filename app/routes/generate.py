@@ -13,7 +13,7 @@ from app.core import Exchange, log_rejected, run_generation, stream_generation
 from app.deps import BackendDep, LogDep, SettingsDep
 from app.errors import InvalidRequest, MiniVaultError, error_body
 from app.request_id import client_of, request_id_of
-from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect
+from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, first_item
 from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, parse_generate_request
 
 router = APIRouter()
@@ -70,14 +70,8 @@ async def generate(request: Request, settings: SettingsDep, backend: BackendDep,
 
 
 async def _open_event_stream(exchange: Exchange, backend: BackendDep, log: LogDep) -> EventSourceResponse:
-    # Wait for the first chunk before committing to a 200, so a missing model or a
-    # stopped upstream is still an ordinary HTTP error with the right status.
     chunks = stream_generation(exchange, backend, log)
-    try:
-        first = await anext(chunks, None)
-    except BaseException:
-        await chunks.aclose()
-        raise
+    first = await first_item(chunks)
     return EventSourceResponse(_events(first, chunks, exchange), headers={"Cache-Control": "no-cache"}, ping=15)
 
 

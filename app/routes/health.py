@@ -1,4 +1,4 @@
-"""GET /health (liveness), GET /ready (upstream usable) and GET /models (what the upstream has)."""
+"""GET /health (liveness) and GET /ready (the upstream is usable)."""
 
 from typing import Any
 
@@ -43,17 +43,3 @@ async def ready(backend: BackendDep, probe: ProbeDep, log: LogDep) -> OrjsonResp
     body = _body("unavailable", backend, status, log)
     body["reason"] = status.reason
     return OrjsonResponse(body, status_code=503)
-
-
-@router.get("/models")
-async def models(backend: BackendDep) -> OrjsonResponse:
-    """The models the upstream has, with their sizes in bytes."""
-    found = await backend.list_models()
-    return OrjsonResponse(
-        {
-            "default": backend.default_model,
-            "models": [
-                {"name": m.name, "size": m.size, "modified_at": m.modified_at, "details": m.details} for m in found
-            ],
-        }
-    )

@@ -1,0 +1,77 @@
+"""GET /models (what the upstream has) and POST /models/pull (download one, progress as SSE)."""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse
+from starlette.responses import Response
+
+from app.backends import SupportsPull
+from app.deps import BackendDep
+from app.errors import MiniVaultError, NotSupported, error_body
+from app.request_id import request_id_of
+from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, first_item
+from app.schemas import ErrorBody, PullRequest, parse_body
+
+router = APIRouter()
+
+
+@router.get("/models")
+async def models(backend: BackendDep) -> OrjsonResponse:
+    """The models the upstream has, with their sizes in bytes."""
+    found = await backend.list_models()
+    return OrjsonResponse(
+        {
+            "default": backend.default_model,
+            "models": [
+                {"name": m.name, "size": m.size, "modified_at": m.modified_at, "details": m.details} for m in found
+            ],
+        }
+    )
+
+
+@router.post(
+    "/models/pull",
+    responses={
+        200: {"description": "`progress` events, then `done` or `error`.", "content": {"text/event-stream": {}}},
+        404: {"model": ErrorBody},
+        501: {"model": ErrorBody, "description": "The backend in use cannot pull models."},
+    },
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": PullRequest.model_json_schema()}}}
+    },
+)
+async def pull(request: Request, backend: BackendDep) -> Response:
+    """Download a model into Ollama, streaming its progress as Server-Sent Events."""
+    body = parse_body(PullRequest, await request.body(), '{"model": "tinyllama:1.1b-chat"}')
+    if not isinstance(backend, SupportsPull):
+        raise NotSupported(
+            f"the {backend.name} backend cannot pull models; pulling works with Ollama (MINIVAULT_BACKEND=ollama)"
+        )
+    events = backend.pull(body.model)
+    try:
+        first = await cancel_on_disconnect(request.receive, first_item(events))
+    except ClientGone:
+        return Response(status_code=499)
+    return EventSourceResponse(_progress(first, events, request_id_of(request)), headers={"Cache-Control": "no-cache"})
+
+
+async def _progress(
+    first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any]], request_id: str
+) -> AsyncIterator[dict[str, str]]:
+    try:
+        if first is not None:
+            yield _event(first)
+            async for event in events:
+                yield _event(event)
+    except MiniVaultError as exc:
+        yield {"event": "error", "data": orjson.dumps(error_body(exc, request_id)).decode()}
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+def _event(event: dict[str, Any]) -> dict[str, str]:
+    name = "done" if event.get("status") == "success" else "progress"
+    return {"event": name, "data": orjson.dumps(event).decode()}

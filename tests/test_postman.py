@@ -1,0 +1,46 @@
+"""The Postman collection, run for real by newman against a live MiniVault and the fake Ollama."""
+
+import json
+import subprocess
+from pathlib import Path
+
+from app.main import create_app
+from tests.conftest import closed_port_url, make_settings
+from tests.servers import RunningServer, serve_in_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
+
+
+def run_newman(base_url: str, report: Path) -> tuple[int, dict]:
+    assert NEWMAN.exists(), "newman is missing: `npm ci` (make test does it)"
+    result = subprocess.run(
+        [str(NEWMAN), "run", "postman_collection.json", "--env-var", f"baseUrl={base_url}",
+         "--reporters", "cli,json", "--reporter-json-export", str(report), "--timeout-request", "30000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return result.returncode, json.loads(report.read_text())["run"]
+
+
+def test_collection_passes_against_a_live_minivault(minivault: RunningServer, tmp_path: Path) -> None:
+    code, run = run_newman(minivault.url, tmp_path / "report.json")
+
+    assert run["failures"] == []
+    assert code == 0
+    assert run["stats"]["requests"] == {"total": 12, "pending": 0, "failed": 0}
+    assert run["stats"]["assertions"]["total"] >= 40
+    names = {execution["item"]["name"] for execution in run["executions"]}
+    assert {"Generate (JSON)", "Generate (stream: Server-Sent Events)", "Health", "Ready", "Models",
+            "Pull a model (Ollama backend)", "Blank prompt", "Unknown model", "Bad JSON"} <= names  # fmt: skip
+
+
+def test_collection_fails_when_the_backend_is_down(log_path: Path, tmp_path: Path) -> None:
+    # The assertions must be able to fail: with Ollama stopped, generation and readiness do.
+    settings = make_settings(ollama_base_url=closed_port_url(), log_path=log_path)
+    with serve_in_thread(create_app(settings)) as server:
+        code, run = run_newman(server.url, tmp_path / "report.json")
+
+    assert code == 1
+    failed = {failure["source"]["name"] for failure in run["failures"]}
+    assert {"Generate (JSON)", "Ready", "Health", "Models", "Unknown model"} <= failed
+    assert "Blank prompt" not in failed and "Bad JSON" not in failed
