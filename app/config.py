@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         validation_alias="MINIVAULT_READ_TIMEOUT",
         description="Seconds to wait for the upstream's next bytes (a cold model load counts).",
     )
+    upstream_transport: Literal["aiohttp", "httpx"] = Field(
+        "aiohttp",
+        validation_alias="MINIVAULT_UPSTREAM_TRANSPORT",
+        description="HTTP transport under the httpx client: aiohttp (faster) or httpx's own.",
+    )
     upstream_max_connections: PositiveInt = Field(
         512,
         validation_alias="MINIVAULT_UPSTREAM_MAX_CONNECTIONS",

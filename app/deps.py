@@ -1,4 +1,7 @@
-"""Annotated dependencies: what the lifespan built, handed to routes by type."""
+"""Annotated dependencies: what the lifespan built, handed to routes by type.
+
+They are `async def` on purpose: FastAPI runs a plain `def` dependency in a worker thread.
+"""
 
 from typing import Annotated
 
@@ -11,19 +14,19 @@ from app.health import BackendProbe
 from app.interactions import JsonlWriter
 
 
-def _settings(connection: HTTPConnection) -> Settings:
+async def _settings(connection: HTTPConnection) -> Settings:
     return connection.app.state.settings
 
 
-def _backend(connection: HTTPConnection) -> Backend:
+async def _backend(connection: HTTPConnection) -> Backend:
     return connection.app.state.backend
 
 
-def _log(connection: HTTPConnection) -> JsonlWriter:
+async def _log(connection: HTTPConnection) -> JsonlWriter:
     return connection.app.state.interaction_log
 
 
-def _probe(connection: HTTPConnection) -> BackendProbe:
+async def _probe(connection: HTTPConnection) -> BackendProbe:
     return connection.app.state.probe
 
 

@@ -41,6 +41,7 @@ class FakeOllama:
         self.models = list(models or DEFAULT_MODELS) + SPECIAL_MODELS
         self.delay = delay
         self.requests: list[dict[str, Any]] = []
+        self.client_ports: list[int] = []
         self.started = 0
         self.finished = 0
         self.disconnects = 0
@@ -79,6 +80,7 @@ class FakeOllama:
         elif path == "/api/pull" and method == "POST":
             await self._pull(orjson.loads(await _read_body(receive)), send)
         elif path == "/api/generate" and method == "POST":
+            self.client_ports.append(scope["client"][1])
             await self._generate(orjson.loads(await _read_body(receive)), receive, send)
         else:
             await _respond(send, 404, b"404 page not found", b"text/plain")
@@ -216,7 +218,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=11434)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
+    parser.add_argument("--fast", action="store_true", help="bare asyncio server for benchmarks (fake_ollama_fast)")
     args = parser.parse_args()
+    if args.fast:
+        import uvloop
+
+        from tests.fake_ollama_fast import serve
+
+        uvloop.run(serve("127.0.0.1", args.port))
+        return
     uvicorn.run(FakeOllama(delay=args.delay), host="127.0.0.1", port=args.port, lifespan="off", log_level="warning")
 
 

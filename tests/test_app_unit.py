@@ -57,7 +57,7 @@ async def test_each_error_row_has_its_status_code_and_log_line(
         route.mock(return_value=upstream)
     elif upstream is not None:
         route.mock(side_effect=upstream)
-    app = create_app(make_settings(ollama_base_url=URL, log_path=log_path))
+    app = create_app(make_settings(ollama_base_url=URL, log_path=log_path, upstream_transport="httpx"))
     async with in_process(app) as client:
         response = await client.post("/generate", json=body)
 
@@ -76,7 +76,7 @@ async def test_log_record_has_every_documented_field(ollama: respx.MockRouter, l
         content=b'{"response":"Hi","done":false}\n{"response":" there","done":false}\n'
         b'{"response":"","done":true,"done_reason":"stop","prompt_eval_count":4,"eval_count":2}\n',
     )
-    app = create_app(make_settings(ollama_base_url=URL, log_path=log_path))
+    app = create_app(make_settings(ollama_base_url=URL, log_path=log_path, upstream_transport="httpx"))
     async with in_process(app) as client:
         response = await client.post(
             "/generate",
@@ -112,7 +112,9 @@ async def test_log_record_has_every_documented_field(ollama: respx.MockRouter, l
 
 
 async def test_openapi_documents_the_request_body(log_path: Path) -> None:
-    async with in_process(create_app(make_settings(ollama_base_url=URL, log_path=log_path))) as client:
+    async with in_process(
+        create_app(make_settings(ollama_base_url=URL, log_path=log_path, upstream_transport="httpx"))
+    ) as client:
         schema = (await client.get("/openapi.json")).json()
     body = schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["prompt"]

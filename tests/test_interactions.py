@@ -91,6 +91,23 @@ async def test_failed_writes_are_reported_and_retried(tmp_path: Path) -> None:
     assert [line["n"] for line in read_log(blocker / "log.jsonl")] == [1, 2]
 
 
+async def test_rotated_or_deleted_log_is_recreated(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    writer = JsonlWriter(path)
+    writer.start()
+    writer.write({"n": 1})
+    assert await anyio.to_thread.run_sync(writer.flush, 10)
+    path.rename(tmp_path / "log.jsonl.1")  # what logrotate does
+    writer.write({"n": 2})
+    assert await anyio.to_thread.run_sync(writer.flush, 10)
+    path.unlink()
+    writer.write({"n": 3})
+    await writer.aclose()
+
+    assert [line["n"] for line in read_log(tmp_path / "log.jsonl.1")] == [1]
+    assert [line["n"] for line in read_log(path)] == [3]
+
+
 async def test_200_concurrent_requests_leave_200_whole_lines(minivault: RunningServer, log_path: Path) -> None:
     limits = httpx.Limits(max_connections=200)
     async with httpx.AsyncClient(base_url=minivault.url, limits=limits, timeout=60) as client:

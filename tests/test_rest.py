@@ -234,3 +234,12 @@ def test_client_hanging_up_cancels_the_upstream_request(
     minivault.stop()
     [line] = read_log(log_path)
     assert (line["endpoint"], line["status"], line["done_reason"]) == ("rest", "cancelled", "cancelled")
+
+
+def test_upstream_connections_are_reused(minivault: RunningServer, fake: FakeOllama) -> None:
+    for prompt in ("one", "two", "three"):
+        assert httpx.post(f"{minivault.url}/generate", json={"prompt": prompt}).status_code == 200
+
+    # One pooled keep-alive connection carried all three: the same client port each time.
+    assert len(fake.client_ports) == 3
+    assert len(set(fake.client_ports)) == 1

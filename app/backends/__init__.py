@@ -17,6 +17,7 @@ from app.backends.base import Backend, BackendStatus, Completion, ModelInfo, Sup
 from app.backends.embedded import EmbeddedBackend, EmbeddedEngine, bundled_model_path, default_threads, engine_installed
 from app.backends.ollama import OllamaBackend
 from app.backends.openai_compat import OpenAICompatBackend
+from app.backends.transport import pooled_client
 from app.config import Settings
 from app.errors import MiniVaultError
 
@@ -55,24 +56,6 @@ async def _auto_choice(settings: Settings) -> str:
         url,
     )
     return "ollama"
-
-
-def pooled_client(settings: Settings, base_url: str, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
-    """The one connection pool MiniVault keeps to an upstream."""
-    return httpx.AsyncClient(
-        base_url=base_url,
-        headers=headers,
-        timeout=httpx.Timeout(
-            connect=settings.connect_timeout,
-            read=settings.read_timeout,
-            write=settings.read_timeout,
-            pool=settings.read_timeout,
-        ),
-        limits=httpx.Limits(
-            max_connections=settings.upstream_max_connections,
-            max_keepalive_connections=settings.upstream_max_connections,
-        ),
-    )
 
 
 async def _open_ollama(settings: Settings, stack: AsyncExitStack) -> Backend:

@@ -8,6 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 import orjson
 
+from app.backends.transport import failure_kind
 from app.errors import BackendError, BackendTimeout, BackendUnavailable, MiniVaultError
 from app.schemas import GenerateRequest
 
@@ -136,21 +137,22 @@ def error_text(response: httpx.Response) -> str:
 def transport_error(exc: httpx.HTTPError, upstream: Upstream, timeout: httpx.Timeout) -> MiniVaultError:
     """Translate an httpx failure into the error table, naming the setting that changes it."""
     where = f"{upstream.label} at {upstream.url}"
-    if isinstance(exc, httpx.ConnectTimeout):
+    kind = failure_kind(exc)
+    if issubclass(kind, httpx.ConnectTimeout):
         return BackendTimeout(
             f"{where} did not accept a connection within {timeout.connect} s "
             "(connect timeout; raise MINIVAULT_CONNECT_TIMEOUT)"
         )
-    if isinstance(exc, httpx.ReadTimeout):
+    if issubclass(kind, httpx.ReadTimeout):
         return BackendTimeout(f"{where} sent nothing for {timeout.read} s (read timeout; raise MINIVAULT_READ_TIMEOUT)")
-    if isinstance(exc, httpx.PoolTimeout):
+    if issubclass(kind, httpx.PoolTimeout):
         return BackendTimeout(
             f"every pooled connection to {upstream.label} stayed busy for {timeout.pool} s "
             "(raise MINIVAULT_UPSTREAM_MAX_CONNECTIONS)"
         )
-    if isinstance(exc, httpx.TimeoutException):
+    if issubclass(kind, httpx.TimeoutException):
         return BackendTimeout(f"{where} timed out: {exc}")
-    if isinstance(exc, httpx.ConnectError):
+    if issubclass(kind, httpx.ConnectError):
         return BackendUnavailable(f"cannot reach {where}: {upstream.start_hint}")
     logger.warning("%s transport error: %r", upstream.label, exc)
-    return BackendError(f"the connection to {where} broke: {exc or type(exc).__name__}")
+    return BackendError(f"the connection to {where} broke: {exc or kind.__name__}")

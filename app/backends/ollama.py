@@ -47,7 +47,12 @@ class OllamaBackend:
             ) as response:
                 if response.status_code != 200:
                     raise await self._status_error(response, model)
+                finished = False
+                # Read to the end of the body even after `done`: a response left unread cannot go
+                # back to the pool, and every request would pay for a new connection.
                 async for event in iter_json_lines(response.aiter_bytes(), "Ollama"):
+                    if finished:
+                        continue
                     if "error" in event:
                         raise BackendError(f"Ollama: {event['error']}")
                     text = event.get("response")
@@ -57,8 +62,11 @@ class OllamaBackend:
                         completion.done_reason = event.get("done_reason")
                         completion.prompt_tokens = event.get("prompt_eval_count")
                         completion.completion_tokens = event.get("eval_count")
-                        return
-                raise BackendError("Ollama closed the stream before its final 'done' line; the answer is incomplete")
+                        finished = True
+                if not finished:
+                    raise BackendError(
+                        "Ollama closed the stream before its final 'done' line; the answer is incomplete"
+                    )
         except httpx.HTTPError as exc:
             raise transport_error(exc, self._upstream, self._client.timeout) from exc
 

@@ -57,7 +57,7 @@ class OpenAICompatBackend:
         self.check_model(model)
         payload = self._payload(request, model)
         label = self._upstream.label
-        finished = False
+        finished = ended = False
         try:
             async with self._client.stream(
                 "POST", "/v1/chat/completions", content=orjson.dumps(payload), headers=_JSON
@@ -66,8 +66,11 @@ class OpenAICompatBackend:
                     raise await self._status_error(response, model)
                 async for data in iter_sse_data(response.aiter_bytes()):
                     if data == b"[DONE]":
-                        finished = True
-                        break
+                        # Read on to the end of the body so the connection goes back to the pool.
+                        ended = True
+                        continue
+                    if ended:
+                        continue
                     event = load_json_object(data, label)
                     if "error" in event:
                         raise BackendError(f"{label}: {_message(event['error'])}")
@@ -83,7 +86,7 @@ class OpenAICompatBackend:
                         completion.completion_tokens = usage.get("completion_tokens")
         except httpx.HTTPError as exc:
             raise transport_error(exc, self._upstream, self._client.timeout) from exc
-        if not finished:
+        if not (finished or ended):
             raise BackendError(f"{label} closed the stream before it finished; the answer is incomplete")
 
     def check_model(self, model: str) -> None:

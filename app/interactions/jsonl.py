@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,16 @@ class JsonlWriter:
     """Queue records from the event loop; a writer thread appends them in batches.
 
     Each batch is one `write()` on an O_APPEND descriptor, so lines from concurrent
-    writers (threads or worker processes) never interleave. A failed write keeps up to
-    `max_pending` lines to retry with the next batch and marks the log as failing.
+    writers (threads or worker processes) never interleave. The file is reopened when it
+    is rotated or deleted. A failed write keeps up to `max_pending` lines to retry with
+    the next batch and marks the log as failing. `linger` seconds let a burst gather.
     """
 
-    def __init__(self, path: Path, max_pending: int = 100_000) -> None:
+    def __init__(self, path: Path, max_pending: int = 100_000, linger: float = 0.002) -> None:
         self.path = Path(path)
+        self._linger = linger
+        self._fd: int | None = None
+        self._inode: int | None = None
         self.failing = False
         self.last_error: str | None = None
         self.lines_written = 0
@@ -63,8 +68,11 @@ class JsonlWriter:
         stopping = False
         while not stopping:
             markers: list[threading.Event] = []
-            item: bytes | threading.Event | None = self._queue.get()
-            # Drain whatever else is queued so one write() carries the whole burst.
+            first = self._queue.get()
+            if isinstance(first, bytes) and self._linger:
+                # Let a burst gather: one write() and one GIL hand-off per batch instead of per line.
+                time.sleep(self._linger)
+            item: bytes | threading.Event | None = first
             while True:
                 if item is _STOP:
                     stopping = True
@@ -80,6 +88,7 @@ class JsonlWriter:
                 self._flush()
             for marker in markers:
                 marker.set()
+        self._close_file()
         if self._pending:
             logger.error("interaction log %s: %d lines could not be written", self.path, len(self._pending))
 
@@ -93,6 +102,7 @@ class JsonlWriter:
         try:
             self._append(data)
         except OSError as exc:
+            self._close_file()
             if not self.failing:
                 logger.error("interaction log %s: write failed (%s); will retry with the next batch", self.path, exc)
             self.failing = True
@@ -106,18 +116,29 @@ class JsonlWriter:
         self._pending.clear()
 
     def _append(self, data: bytes) -> None:
-        # Opened per batch, so a rotated or deleted file is recreated instead of written to the void.
+        view = memoryview(data)
+        fd = self._file()
+        while view:
+            written = os.write(fd, view)
+            if written == 0:
+                raise OSError(errno.EIO, "write() wrote nothing")
+            view = view[written:]
+
+    def _file(self) -> int:
+        """The open descriptor, reopened when the file was rotated or deleted since the last batch."""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            current = os.stat(self.path).st_ino
         except FileNotFoundError:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                if written == 0:
-                    raise OSError(errno.EIO, "write() wrote nothing")
-                view = view[written:]
-        finally:
-            os.close(fd)
+            current = None
+        if self._fd is not None and current == self._inode:
+            return self._fd
+        self._close_file()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd, self._inode = fd, os.fstat(fd).st_ino
+        return fd
+
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._inode = None

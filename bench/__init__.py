@@ -1,0 +1,1 @@
+"""MiniVault's benchmark: `make bench` (or `python -m bench.run`)."""

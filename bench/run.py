@@ -1,0 +1,193 @@
+"""Run MiniVault's benchmark: `make bench`, or `python -m bench.run [--quick]`.
+
+Starts the fake Ollama in its fast mode and MiniVault (one uvicorn worker, the Dockerfile's
+command, interaction log on) on loopback, measures both in the same run, prints a markdown
+table and writes bench/results/latest.json and latest.md.
+"""
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import logwriter, streams
+from bench.procs import ROOT, Served, start_fake, start_minivault
+from bench.wrk import run_wrk
+
+RESULTS = ROOT / "bench" / "results"
+GENERATE_BODY = json.dumps({"prompt": "tokens=16"})
+FAKE_BODY = json.dumps({"model": "bench:latest", "prompt": "tokens=16", "stream": True})
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def latency(fake: Served, minivault: Served, rounds: int, seconds: float) -> dict[str, float]:
+    """Concurrency 1, alternating fake and MiniVault rounds; added = MiniVault minus fake."""
+    added_p50, added_p99, fake_p50 = [], [], []
+    for _ in range(rounds):
+        direct = run_wrk(f"{fake.url}/api/generate", FAKE_BODY, 1, seconds)
+        proxied = run_wrk(f"{minivault.url}/generate", GENERATE_BODY, 1, seconds)
+        fake_p50.append(direct.p50_ms)
+        added_p50.append(proxied.p50_ms - direct.p50_ms)
+        added_p99.append(proxied.p99_ms - direct.p99_ms)
+    return {
+        "fake_p50_ms": statistics.median(fake_p50),
+        "added_p50_ms": statistics.median(added_p50),
+        "added_p99_ms": statistics.median(added_p99),
+    }
+
+
+def throughput(fake: Served, minivault: Served, connections: int, rounds: int, seconds: float) -> dict[str, float]:
+    """Requests/s and server CPU per request, fake and MiniVault alternating."""
+    rows: dict[str, list[float]] = {"fake_rps": [], "fake_cpu_ms": [], "rps": [], "cpu_ms": [], "errors": []}
+    for _ in range(rounds):
+        for name, served, url, body in (("fake_", fake, f"{fake.url}/api/generate", FAKE_BODY),
+                                        ("", minivault, f"{minivault.url}/generate", GENERATE_BODY)):  # fmt: skip
+            before = served.cpu_seconds()
+            result = run_wrk(url, body, connections, seconds)
+            cpu = served.cpu_seconds() - before
+            rows[f"{name}rps"].append(result.rps)
+            rows[f"{name}cpu_ms"].append(cpu / max(result.requests, 1) * 1000)
+            if not name:
+                rows["errors"].append(result.errors)
+    return {f"c{connections}_{key}": statistics.median(values) for key, values in rows.items()}
+
+
+def check_log(path: Path) -> dict[str, Any]:
+    lines = path.read_bytes().splitlines()
+    ids, bad = set(), 0
+    for line in lines:
+        try:
+            ids.add(json.loads(line)["id"])
+        except (ValueError, KeyError):
+            bad += 1
+    return {"log_lines": len(lines), "log_bad_lines": bad, "log_unique_ids": len(ids)}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    seconds = 2.0 if quick else 4.0
+    rounds = 1 if quick else 3
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="minivault-bench-") as tmp:
+        workdir = Path(tmp)
+        fake = start_fake(workdir)
+        minivault = start_minivault(workdir, fake.url)
+        try:
+            results["rss_idle_mb"] = minivault.memory_kib("VmRSS") / 1024
+            say("500 concurrent websocket streams (100 tokens each at 20 tokens/s)")
+            results |= asyncio.run(streams.many_websockets(minivault, 500, 100, 50))
+            results["rss_peak_mb"] = minivault.memory_kib("VmHWM") / 1024
+            say("warm-up")
+            run_wrk(f"{minivault.url}/generate", GENERATE_BODY, 16, 1)
+            run_wrk(f"{fake.url}/api/generate", FAKE_BODY, 16, 1)
+            say("added latency at concurrency 1")
+            results |= latency(fake, minivault, rounds, seconds)
+            for connections in (16, 64):
+                say(f"throughput at concurrency {connections}")
+                results |= throughput(fake, minivault, connections, rounds, seconds)
+            say("time to first token (256 tokens, 1 ms apart)")
+            results |= asyncio.run(streams.time_to_first_token(fake, minivault, 10 if quick else 30))
+            say("relay CPU per streamed token")
+            results |= asyncio.run(streams.relay_cpu_per_token(minivault, 16 if quick else 48, 8))
+        finally:
+            minivault.stop()
+        results["one_worker_log"] = check_log(Path(minivault.extra["interactions"]))
+        say("two workers")
+        two = start_minivault(workdir, fake.url, workers=2, name="two-workers")
+        try:
+            run_wrk(f"{two.url}/generate", GENERATE_BODY, 16, 1)
+            for connections in (16, 64):
+                result = run_wrk(f"{two.url}/generate", GENERATE_BODY, connections, seconds)
+                results[f"workers2_c{connections}_rps"] = result.rps
+                results[f"workers2_c{connections}_errors"] = result.errors
+        finally:
+            two.stop()
+            fake.stop()
+        results["two_worker_log"] = check_log(Path(two.extra["interactions"]))
+        say("interaction log writer alone")
+        results |= asyncio.run(logwriter.measure(workdir, 20_000 if quick else 100_000))
+    return results
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [
+        ("Added latency, concurrency 1, median", f"{r['added_p50_ms']:.2f} ms", f"fake alone {r['fake_p50_ms']:.2f} ms",
+         "≤ 0.8 ms", r["added_p50_ms"] <= 0.8),
+        ("Added latency, concurrency 1, p99", f"{r['added_p99_ms']:.2f} ms", "", "≤ 2 ms", r["added_p99_ms"] <= 2),
+        ("Requests/s, concurrency 16", f"{r['c16_rps']:,.0f}", f"fake alone {r['c16_fake_rps']:,.0f}",
+         "≥ 1,000", r["c16_rps"] >= 1000),
+        ("CPU per request, concurrency 16", f"{r['c16_cpu_ms']:.2f} ms", f"fake alone {r['c16_fake_cpu_ms']:.3f} ms",
+         "≤ 1.0 ms", r["c16_cpu_ms"] <= 1.0),
+        ("Requests/s, concurrency 64", f"{r['c64_rps']:,.0f}", f"fake alone {r['c64_fake_rps']:,.0f}", "", None),
+        ("CPU per request, concurrency 64", f"{r['c64_cpu_ms']:.2f} ms", f"fake alone {r['c64_fake_cpu_ms']:.3f} ms",
+         "≤ 1.0 ms", r["c64_cpu_ms"] <= 1.0),
+        ("Time to first token added, SSE", f"{r['sse_ttft_added_ms']:.2f} ms", f"fake alone {r['fake_ttft_ms']:.2f} ms",
+         "≤ 1 ms", r["sse_ttft_added_ms"] <= 1),
+        ("Time to first token added, websocket", f"{r['ws_ttft_added_ms']:.2f} ms", "", "≤ 1 ms",
+         r["ws_ttft_added_ms"] <= 1),
+        ("Relay CPU per token, SSE", f"{r['sse_relay_us_per_token']:.1f} µs", "", "≤ 30 µs",
+         r["sse_relay_us_per_token"] <= 30),
+        ("Relay CPU per token, websocket", f"{r['ws_relay_us_per_token']:.1f} µs", "", "≤ 30 µs",
+         r["ws_relay_us_per_token"] <= 30),
+        ("500 websocket streams: errors", f"{r['ws_stream_errors']}", f"{r['ws_tokens_received']:,} tokens received",
+         "0", r["ws_stream_errors"] == 0),
+        ("500 websocket streams: token delay p99", f"{r['ws_token_delay_p99_ms']:.1f} ms",
+         f"p50 {r['ws_token_delay_p50_ms']:.1f} ms", "≤ 20 ms", r["ws_token_delay_p99_ms"] <= 20),
+        ("RSS idle / peak under 500 streams", f"{r['rss_idle_mb']:.0f} / {r['rss_peak_mb']:.0f} MB", "",
+         "≤ 150 MB", r["rss_peak_mb"] <= 150),
+        ("Log writer lines/s", f"{r['writer_lines_per_s']:,.0f}",
+         f"write+flush on the loop {r['naive_lines_per_s']:,.0f}", "≥ 20,000", r["writer_lines_per_s"] >= 20000),
+        ("Event-loop lag while logging, max", f"{r['writer_loop_lag_max_ms']:.2f} ms",
+         f"write+flush on the loop {r['naive_loop_lag_max_ms']:.2f} ms", "< 5 ms", r["writer_loop_lag_max_ms"] < 5),
+        ("2 workers: requests/s, concurrency 16", f"{r['workers2_c16_rps']:,.0f}",
+         f"{r['workers2_c16_rps'] / r['c16_rps']:.2f}× one worker", "", None),
+        ("2 workers: requests/s, concurrency 64", f"{r['workers2_c64_rps']:,.0f}",
+         f"{r['workers2_c64_rps'] / r['c64_rps']:.2f}× one worker", "", None),
+        ("2 workers: log lines, all valid and unique", f"{r['two_worker_log']['log_lines']:,}",
+         f"{r['two_worker_log']['log_bad_lines']} bad, {r['two_worker_log']['log_unique_ids']:,} unique ids", "",
+         r["two_worker_log"]["log_bad_lines"] == 0
+         and r["two_worker_log"]["log_unique_ids"] == r["two_worker_log"]["log_lines"]),
+    ]  # fmt: skip
+    lines = ["| measure | MiniVault | same run, for comparison | target | |", "|---|---|---|---|---|"]
+    for name, value, baseline, target, ok in rows:
+        lines.append(f"| {name} | {value} | {baseline} | {target} | {'' if ok is None else verdict(ok)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="MiniVault benchmark")
+    parser.add_argument("--quick", action="store_true", help="shorter runs, one round (a smoke test)")
+    args = parser.parse_args()
+    started = time.monotonic()
+    results = run(args.quick)
+    results["meta"] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "make bench" + (" ARGS=--quick" if args.quick else ""),
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    markdown = table(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    meta = results["meta"]
+    header = f"Measured {meta['date']} with `{meta['command']}` ({meta['machine']}, Python {meta['python']})."
+    (RESULTS / "latest.md").write_text(header + "\n\n" + markdown + "\n")
+    print(header + "\n\n" + markdown)
+
+
+if __name__ == "__main__":
+    main()

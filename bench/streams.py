@@ -1,0 +1,182 @@
+"""Streaming measurements: time to first token, relay CPU per token, and many concurrent websockets.
+
+Tokens from the fast fake carry the monotonic time they were sent (`t<ns> `), so a client on
+the same machine measures each token's delay from the fake to itself.
+"""
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+
+from bench.procs import Served
+
+
+def prompt(tokens: int, interval_ms: int) -> str:
+    return f"tokens={tokens} interval_ms={interval_ms}"
+
+
+async def ttft_fake(client: httpx.AsyncClient, fake: Served, text: str) -> float:
+    started = time.perf_counter()
+    body = {"model": "bench:latest", "prompt": text, "stream": True}
+    first = None
+    async with client.stream("POST", f"{fake.url}/api/generate", json=body) as response:
+        async for line in response.aiter_lines():
+            if first is None and '"response":"t' in line:
+                first = time.perf_counter() - started
+    if first is None:
+        raise RuntimeError("the fake sent no token")
+    return first
+
+
+async def ttft_sse(client: httpx.AsyncClient, minivault: Served, text: str) -> float:
+    started = time.perf_counter()
+    first = None
+    async with client.stream("POST", f"{minivault.url}/generate", json={"prompt": text, "stream": True}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("event: token"):
+                first = time.perf_counter() - started
+    if first is None:
+        raise RuntimeError("MiniVault sent no token event")
+    return first
+
+
+async def ttft_ws(ws: ClientConnection, text: str) -> float:
+    started = time.perf_counter()
+    await ws.send(json.dumps({"prompt": text}))
+    first = None
+    while True:
+        frame = json.loads(await ws.recv())
+        if frame["type"] == "token" and first is None:
+            first = time.perf_counter() - started
+        elif frame["type"] in ("done", "error"):
+            if frame["type"] == "error" or first is None:
+                raise RuntimeError(f"websocket stream failed: {frame}")
+            return first
+
+
+async def time_to_first_token(fake: Served, minivault: Served, runs: int) -> dict[str, float]:
+    """Median TTFT of the fake alone, and what MiniVault adds over SSE and websocket, interleaved."""
+    text = prompt(256, 1)
+    fake_times, sse_times, ws_times = [], [], []
+    async with httpx.AsyncClient(timeout=30) as client, connect(f"ws://127.0.0.1:{minivault.port}/ws/generate") as ws:
+        for _ in range(3):  # warm-up
+            await ttft_fake(client, fake, text)
+            await ttft_sse(client, minivault, text)
+            await ttft_ws(ws, text)
+        for _ in range(runs):
+            fake_times.append(await ttft_fake(client, fake, text))
+            sse_times.append(await ttft_sse(client, minivault, text))
+            ws_times.append(await ttft_ws(ws, text))
+    fake_ms = statistics.median(fake_times) * 1000
+    return {
+        "fake_ttft_ms": fake_ms,
+        "sse_ttft_added_ms": statistics.median(sse_times) * 1000 - fake_ms,
+        "ws_ttft_added_ms": statistics.median(ws_times) * 1000 - fake_ms,
+    }
+
+
+async def _sse_stream(client: httpx.AsyncClient, minivault: Served, text: str) -> None:
+    async with client.stream("POST", f"{minivault.url}/generate", json={"prompt": text, "stream": True}) as response:
+        response.raise_for_status()
+        async for _ in response.aiter_bytes():
+            pass
+
+
+async def _ws_stream(url: str, text: str, count: int) -> None:
+    async with connect(url) as ws:
+        for _ in range(count):
+            await ws.send(json.dumps({"prompt": text}))
+            while json.loads(await ws.recv())["type"] not in ("done", "error"):
+                pass
+
+
+async def relay_cpu_per_token(minivault: Served, streams: int, parallel: int) -> dict[str, float]:
+    """Server CPU for 256-token streams minus 16-token streams, per extra token, for SSE and websocket."""
+    long_text, short_text = prompt(256, 1), prompt(16, 1)
+    extra_tokens = streams * (256 - 16)
+    results: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=parallel)) as client:
+
+        async def sse(text: str) -> None:
+            await _gather_limited(streams, parallel, lambda: _sse_stream(client, minivault, text))
+
+        async def ws(text: str) -> None:
+            per = streams // parallel
+            await asyncio.gather(*(_ws_stream(f"ws://127.0.0.1:{minivault.port}/ws/generate", text, per)
+                                   for _ in range(parallel)))  # fmt: skip
+
+        for name, run in (("sse", sse), ("ws", ws)):
+            await run(short_text)  # warm-up
+            costs = {}
+            for label, text in (("long", long_text), ("short", short_text)):
+                before = minivault.cpu_seconds()
+                await run(text)
+                costs[label] = minivault.cpu_seconds() - before
+            results[f"{name}_relay_us_per_token"] = (costs["long"] - costs["short"]) / extra_tokens * 1e6
+    return results
+
+
+async def _gather_limited(total: int, parallel: int, make: Callable[[], Awaitable[None]]) -> None:
+    semaphore = asyncio.Semaphore(parallel)
+
+    async def one() -> None:
+        async with semaphore:
+            await make()
+
+    await asyncio.gather(*(one() for _ in range(total)))
+
+
+async def many_websockets(minivault: Served, count: int, tokens: int, interval_ms: int) -> dict[str, float]:
+    """`count` websockets streaming at once; each token's delay from the fake to this client."""
+    delays_ns: list[int] = []
+    errors = 0
+    url = f"ws://127.0.0.1:{minivault.port}/ws/generate"
+    opening = asyncio.Semaphore(50)
+    ready = 0
+    everyone_ready = asyncio.Event()
+
+    async def one() -> None:
+        nonlocal errors, ready
+        try:
+            async with opening:
+                ws = await connect(url, open_timeout=30, ping_interval=None, max_queue=None)
+            async with ws:
+                ready += 1
+                if ready == count:
+                    everyone_ready.set()
+                await everyone_ready.wait()
+                await ws.send(json.dumps({"prompt": prompt(tokens, interval_ms)}))
+                received = 0
+                while True:
+                    frame = json.loads(await ws.recv())
+                    if frame["type"] == "token":
+                        delays_ns.append(time.monotonic_ns() - int(frame["content"].strip()[1:]))
+                        received += 1
+                    elif frame["type"] == "done":
+                        if received != tokens:
+                            errors += 1
+                        return
+                    elif frame["type"] == "error":
+                        errors += 1
+                        return
+        except Exception:  # noqa: BLE001 - a benchmark counts failures instead of stopping
+            errors += 1
+            everyone_ready.set()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    delays_ms = sorted(d / 1e6 for d in delays_ns)
+    return {
+        "ws_streams": count,
+        "ws_stream_errors": errors,
+        "ws_tokens_received": len(delays_ms),
+        "ws_token_delay_p50_ms": delays_ms[len(delays_ms) // 2] if delays_ms else float("nan"),
+        "ws_token_delay_p99_ms": delays_ms[int(len(delays_ms) * 0.99)] if delays_ms else float("nan"),
+        "ws_streams_seconds": time.perf_counter() - started,
+    }

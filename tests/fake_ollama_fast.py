@@ -1,0 +1,99 @@
+"""The fake Ollama's fast mode: the same `/api/generate` NDJSON stream from a bare asyncio protocol.
+
+Made for benchmarks, where the upstream must cost far less than the proxy under test (about
+tens of microseconds of CPU per request). The prompt steers it: `tokens=N interval_ms=M`
+(defaults 16 and 0) sets the answer's length and pacing. Each token is `t<monotonic ns> `, the
+moment it was sent, so a client on the same machine can measure each token's delay end to end.
+"""
+
+import asyncio
+import re
+import time
+
+import orjson
+
+_PROMPT_KNOBS = re.compile(rb"(tokens|interval_ms)=(\d+)")
+_TAGS = orjson.dumps({"models": [{"name": "bench:latest", "model": "bench:latest", "size": 1}]})
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class FastOllamaProtocol(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; requests are answered in order."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.streaming: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Like Ollama: a client hanging up stops the generation.
+        if self.streaming is not None:
+            self.streaming.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            head_end = self.buffer.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = self.buffer[:head_end].lower() + b"\r\n"
+            length_at = head.find(b"content-length:")
+            length = int(head[length_at + 15 : head.find(b"\r\n", length_at)].strip() or 0) if length_at >= 0 else 0
+            if len(self.buffer) < head_end + 4 + length:
+                return
+            body = self.buffer[head_end + 4 : head_end + 4 + length]
+            self.buffer = self.buffer[head_end + 4 + length :]
+            self._handle(head.split(b" ", 2)[:2], body)
+
+    def _handle(self, request_line: list[bytes], body: bytes) -> None:
+        assert self.transport is not None
+        method, path = request_line if len(request_line) == 2 else (b"", b"")
+        if method == b"post" and path == b"/api/generate":
+            knobs = dict(_PROMPT_KNOBS.findall(body))
+            tokens, interval = int(knobs.get(b"tokens", 16)), int(knobs.get(b"interval_ms", 0)) / 1000
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
+            if interval:
+                self.streaming = asyncio.get_running_loop().create_task(self._paced(tokens, interval))
+            else:
+                self.transport.write(b"".join(_chunk(_token_line()) for _ in range(tokens)) + _final(tokens))
+        elif path in (b"/api/tags", b"/api/version"):
+            payload = _TAGS if path == b"/api/tags" else b'{"version":"0.0.0-fast"}'
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                                 % (len(payload), payload))  # fmt: skip
+        else:
+            self.transport.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+
+    async def _paced(self, tokens: int, interval: float) -> None:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for index in range(tokens):
+            # Absolute deadlines, so timer slack does not accumulate over a long answer.
+            await asyncio.sleep(max(0.0, start + (index + 1) * interval - loop.time()))
+            self.transport.write(_chunk(_token_line()))
+        self.transport.write(_final(tokens))
+        self.streaming = None
+
+
+def _token_line() -> bytes:
+    return b'{"model":"bench","response":"t%d ","done":false}\n' % time.monotonic_ns()
+
+
+def _final(tokens: int) -> bytes:
+    done = b'{"model":"bench","response":"","done":true,"done_reason":"stop","prompt_eval_count":8,"eval_count":%d}\n'
+    return _chunk(done % tokens) + b"0\r\n\r\n"
+
+
+async def serve(host: str, port: int) -> None:
+    """Serve until cancelled."""
+    server = await asyncio.get_running_loop().create_server(FastOllamaProtocol, host, port, backlog=4096)
+    async with server:
+        await server.serve_forever()
