@@ -33,7 +33,7 @@ system-deps:
 		echo "warning: docker-compose is missing and cannot be installed here; the compose tests will fail"
 
 run: $(VENV)/.runtime
-	$(BIN)/python -m uvicorn app.main:app --host $(HOST) --port $(PORT)
+	$(BIN)/python -m uvicorn app.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check app tests

@@ -63,6 +63,8 @@ async def measure(directory: Path, lines: int) -> dict[str, float]:
                     await asyncio.sleep(0)
 
     results = {}
+    await threaded()  # warm-up: first-use costs (imports, file creation) are not the steady state
+    (directory / "writer.jsonl").unlink()
     for name, work in (("writer", threaded), ("naive", naive)):
         elapsed, lags = await _with_lag_monitor(work)
         written = len((directory / f"{name}.jsonl").read_bytes().splitlines())

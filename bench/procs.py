@@ -1,5 +1,6 @@
 """Processes under test: start them on loopback, wait until they serve, read their CPU and memory."""
 
+import json
 import os
 import socket
 import subprocess
@@ -100,8 +101,22 @@ def start_fake(workdir: Path) -> Served:
     return Served(process, port, log)
 
 
+def production_flags() -> list[str]:
+    """The uvicorn options of the Dockerfile's CMD, less host and port: the benchmark runs what ships."""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("CMD "):
+            command = json.loads(line[4:])
+            flags = command[command.index("app.main:app") + 1 :]
+            for option in ("--host", "--port"):
+                if option in flags:
+                    index = flags.index(option)
+                    del flags[index : index + 2]
+            return flags
+    raise RuntimeError("the Dockerfile has no CMD line")
+
+
 def start_minivault(workdir: Path, upstream: str, *, workers: int = 1, name: str = "minivault") -> Served:
-    """MiniVault as the Dockerfile's CMD runs it (access log included), bound to loopback."""
+    """MiniVault as the Dockerfile's CMD runs it, bound to loopback."""
     port = free_port()
     log = workdir / f"{name}.out"
     interactions = workdir / f"{name}.jsonl"
@@ -109,7 +124,7 @@ def start_minivault(workdir: Path, upstream: str, *, workers: int = 1, name: str
     env = {**os.environ, "MINIVAULT_BACKEND": "ollama", "OLLAMA_BASE_URL": upstream,
            "OLLAMA_MODEL": "bench:latest", "MINIVAULT_LOG_PATH": str(interactions)}  # fmt: skip
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-               *os.environ.get("BENCH_UVICORN_FLAGS", "").split()]  # fmt: skip
+               *production_flags()]  # fmt: skip
     if workers > 1:
         command += ["--workers", str(workers)]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)

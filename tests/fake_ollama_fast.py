@@ -76,8 +76,10 @@ class FastOllamaProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         start = loop.time()
         for index in range(tokens):
-            # Absolute deadlines, so timer slack does not accumulate over a long answer.
-            await asyncio.sleep(max(0.0, start + (index + 1) * interval - loop.time()))
+            # The first token goes out at once (no timer phase in time-to-first-token); later ones
+            # on absolute deadlines, so timer slack does not accumulate over a long answer.
+            if index:
+                await asyncio.sleep(max(0.0, start + index * interval - loop.time()))
             self.transport.write(_chunk(_token_line()))
         self.transport.write(_final(tokens))
         self.streaming = None

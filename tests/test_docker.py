@@ -106,7 +106,10 @@ def test_image_cmd_starts_the_app_and_healthcheck_probes_it(fake_server: Running
     # Same command, but bound to loopback on a free port handed over as a file descriptor.
     sock = bound_socket()
     port = sock.getsockname()[1]
-    command = [str(Path(sys.executable).parent / "uvicorn"), "app.main:app", "--fd", str(sock.fileno())]
+    flags = cmd[2:]
+    for option in ("--host", "--port"):
+        del flags[flags.index(option) : flags.index(option) + 2]
+    command = [str(Path(sys.executable).parent / "uvicorn"), "app.main:app", *flags, "--fd", str(sock.fileno())]
     env = {**os.environ, "MINIVAULT_BACKEND": "ollama", "OLLAMA_BASE_URL": fake_server.url,
            "MINIVAULT_LOG_PATH": str(tmp_path / "log.jsonl")}  # fmt: skip
     server = subprocess.Popen(command, cwd=ROOT, env=env, pass_fds=[sock.fileno()], stderr=subprocess.PIPE, text=True)

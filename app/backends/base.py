@@ -82,33 +82,48 @@ class Upstream:
     start_hint: str
 
 
-async def iter_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Split byte chunks into lines (without the newline); a line may span any number of chunks."""
-    buffer = b""
-    async for chunk in chunks:
+class LineSplitter:
+    """Cuts a byte stream into lines (newline removed); a line may span any number of chunks.
+
+    A plain method rather than an async generator: on the per-token path every generator
+    layer costs a suspension and a resumption.
+    """
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines this chunk completes."""
         if b"\n" not in chunk:
-            buffer += chunk
-            continue
-        *lines, rest = (buffer + chunk).split(b"\n")
-        buffer = rest
-        for line in lines:
-            yield line
-    if buffer:
-        yield buffer
+            self._rest += chunk
+            return []
+        lines = (self._rest + chunk).split(b"\n")
+        self._rest = lines.pop()
+        return lines
+
+    def close(self) -> list[bytes]:
+        """The last line, when the stream did not end with a newline."""
+        rest, self._rest = self._rest, b""
+        return [rest] if rest else []
 
 
 async def iter_json_lines(chunks: AsyncIterator[bytes], source: str) -> AsyncIterator[dict[str, Any]]:
     """Parse newline-delimited JSON (Ollama's stream format), skipping blank lines."""
-    async for line in iter_lines(chunks):
-        if line.strip():
+    splitter = LineSplitter()
+    async for chunk in chunks:
+        for line in splitter.feed(chunk):
+            if line and not line.isspace():
+                yield load_json_object(line, source)
+    for line in splitter.close():
+        if not line.isspace():
             yield load_json_object(line, source)
 
 
-async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The `data:` payloads of a Server-Sent Events stream (OpenAI's format); other fields are skipped."""
-    async for line in iter_lines(chunks):
-        if line.startswith(b"data:"):
-            yield line[5:].strip()
+def sse_data(line: bytes) -> bytes | None:
+    """The payload of a Server-Sent Events `data:` line (OpenAI's stream format); None for other lines."""
+    return line[5:].strip() if line.startswith(b"data:") else None
 
 
 def load_json_object(line: bytes, source: str) -> dict[str, Any]:

@@ -9,10 +9,12 @@ import orjson
 from app.backends.base import (
     BackendStatus,
     Completion,
+    LineSplitter,
     ModelInfo,
     Upstream,
     error_text,
     iter_json_lines,
+    load_json_object,
     transport_error,
 )
 from app.errors import BackendError, InvalidRequest, MiniVaultError, ModelNotFound
@@ -48,21 +50,24 @@ class OllamaBackend:
                 if response.status_code != 200:
                     raise await self._status_error(response, model)
                 finished = False
+                splitter = LineSplitter()
                 # Read to the end of the body even after `done`: a response left unread cannot go
                 # back to the pool, and every request would pay for a new connection.
-                async for event in iter_json_lines(response.aiter_bytes(), "Ollama"):
-                    if finished:
-                        continue
-                    if "error" in event:
-                        raise BackendError(f"Ollama: {event['error']}")
-                    text = event.get("response")
-                    if text:
-                        yield text
-                    if event.get("done"):
-                        completion.done_reason = event.get("done_reason")
-                        completion.prompt_tokens = event.get("prompt_eval_count")
-                        completion.completion_tokens = event.get("eval_count")
-                        finished = True
+                async for chunk in response.aiter_raw():
+                    for line in splitter.feed(chunk):
+                        if finished or not line or line.isspace():
+                            continue
+                        event = load_json_object(line, "Ollama")
+                        if "error" in event:
+                            raise BackendError(f"Ollama: {event['error']}")
+                        text = event.get("response")
+                        if text:
+                            yield text
+                        if event.get("done"):
+                            completion.done_reason = event.get("done_reason")
+                            completion.prompt_tokens = event.get("prompt_eval_count")
+                            completion.completion_tokens = event.get("eval_count")
+                            finished = True
                 if not finished:
                     raise BackendError(
                         "Ollama closed the stream before its final 'done' line; the answer is incomplete"

@@ -12,11 +12,12 @@ import orjson
 from app.backends.base import (
     BackendStatus,
     Completion,
+    LineSplitter,
     ModelInfo,
     Upstream,
     error_text,
-    iter_sse_data,
     load_json_object,
+    sse_data,
     transport_error,
 )
 from app.errors import BackendError, InvalidRequest, MiniVaultError, ModelNotFound
@@ -64,26 +65,29 @@ class OpenAICompatBackend:
             ) as response:
                 if response.status_code != 200:
                     raise await self._status_error(response, model)
-                async for data in iter_sse_data(response.aiter_bytes()):
-                    if data == b"[DONE]":
-                        # Read on to the end of the body so the connection goes back to the pool.
-                        ended = True
-                        continue
-                    if ended:
-                        continue
-                    event = load_json_object(data, label)
-                    if "error" in event:
-                        raise BackendError(f"{label}: {_message(event['error'])}")
-                    for choice in event.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            yield text
-                        if choice.get("finish_reason"):
-                            completion.done_reason = choice["finish_reason"]
-                            finished = True
-                    if usage := event.get("usage"):
-                        completion.prompt_tokens = usage.get("prompt_tokens")
-                        completion.completion_tokens = usage.get("completion_tokens")
+                splitter = LineSplitter()
+                async for chunk in response.aiter_raw():
+                    for line in splitter.feed(chunk):
+                        data = sse_data(line)
+                        if data is None or ended:
+                            continue
+                        if data == b"[DONE]":
+                            # Read on to the end of the body so the connection goes back to the pool.
+                            ended = True
+                            continue
+                        event = load_json_object(data, label)
+                        if "error" in event:
+                            raise BackendError(f"{label}: {_message(event['error'])}")
+                        for choice in event.get("choices") or ():
+                            text = (choice.get("delta") or {}).get("content")
+                            if text:
+                                yield text
+                            if choice.get("finish_reason"):
+                                completion.done_reason = choice["finish_reason"]
+                                finished = True
+                        if usage := event.get("usage"):
+                            completion.prompt_tokens = usage.get("prompt_tokens")
+                            completion.completion_tokens = usage.get("completion_tokens")
         except httpx.HTTPError as exc:
             raise transport_error(exc, self._upstream, self._client.timeout) from exc
         if not (finished or ended):

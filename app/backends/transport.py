@@ -27,8 +27,18 @@ def pooled_client(settings: Settings, base_url: str, headers: dict[str, str] | N
         write=settings.read_timeout,
         pool=settings.read_timeout,
     )
-    transport = AiohttpTransport(limits=limits) if settings.upstream_transport == "aiohttp" else None
+    transport = None
+    if settings.upstream_transport == "aiohttp":
+        transport = AiohttpTransport(limits=limits, client=lambda: _aiohttp_session(limits))
+    # Streams are parsed as they arrive from the raw bytes, so ask upstreams not to compress them.
+    headers = {"Accept-Encoding": "identity", **(headers or {})}
     return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits, transport=transport)
+
+
+def _aiohttp_session(limits: httpx.Limits) -> aiohttp.ClientSession:
+    # Upstream LLM servers set no cookies worth keeping; a dummy jar skips parsing them per response.
+    connector = aiohttp.TCPConnector(limit=limits.max_connections or 0, keepalive_timeout=limits.keepalive_expiry)
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
 
 def failure_kind(exc: httpx.HTTPError) -> type[httpx.HTTPError]:

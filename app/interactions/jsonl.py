@@ -4,7 +4,6 @@ import asyncio
 import errno
 import logging
 import os
-import queue
 import threading
 import time
 from collections import deque
@@ -15,29 +14,36 @@ import orjson
 
 logger = logging.getLogger(__name__)
 
-_STOP = None
+_BATCH_LINES = 512
 
 
 class JsonlWriter:
-    """Queue records from the event loop; a writer thread appends them in batches.
+    """Records are serialised on the event loop and appended by a writer thread, in batches.
 
-    Each batch is one `write()` on an O_APPEND descriptor, so lines from concurrent
-    writers (threads or worker processes) never interleave. The file is reopened when it
-    is rotated or deleted. A failed write keeps up to `max_pending` lines to retry with
-    the next batch and marks the log as failing. `linger` seconds let a burst gather.
+    Each batch is one `write()` on an O_APPEND descriptor, so lines from concurrent writers
+    (threads or worker processes) never interleave. The file is reopened when it is rotated
+    or deleted. A failed write keeps up to `max_pending` lines to retry with the next batch
+    and marks the log as failing. `linger` seconds let a burst gather into one batch.
+
+    The thread does almost no Python work per line (it takes whole batches off a deque), so
+    it rarely holds the GIL while the event loop wants it.
     """
 
     def __init__(self, path: Path, max_pending: int = 100_000, linger: float = 0.002) -> None:
         self.path = Path(path)
-        self._linger = linger
-        self._fd: int | None = None
-        self._inode: int | None = None
         self.failing = False
         self.last_error: str | None = None
         self.lines_written = 0
         self.lines_dropped = 0
-        self._queue: queue.SimpleQueue[bytes | threading.Event | None] = queue.SimpleQueue()
-        self._pending: deque[bytes] = deque(maxlen=max_pending)
+        self._linger = linger
+        self._max_pending = max_pending
+        self._lines: deque[bytes] = deque()
+        self._pending: list[bytes] = []
+        self._flush_requests: deque[threading.Event] = deque()
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._fd: int | None = None
+        self._inode: int | None = None
         self._thread = threading.Thread(target=self._run, name="minivault-log-writer", daemon=True)
 
     @property
@@ -50,57 +56,61 @@ class JsonlWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Queue one record; never blocks and never raises for disk trouble."""
-        self._queue.put(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        self._lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        if not self._wakeup.is_set():  # one wake-up per batch, not per line
+            self._wakeup.set()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every record queued before the call has been written or has failed."""
-        marker = threading.Event()
-        self._queue.put(marker)
-        return marker.wait(timeout)
+        done = threading.Event()
+        self._flush_requests.append(done)
+        self._wakeup.set()
+        return done.wait(timeout)
 
     async def aclose(self) -> None:
         """Flush everything queued so far, then stop the writer thread."""
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            self._stopping = True
+            self._wakeup.set()
             await asyncio.to_thread(self._thread.join)
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            markers: list[threading.Event] = []
-            first = self._queue.get()
-            if isinstance(first, bytes) and self._linger:
-                # Let a burst gather: one write() and one GIL hand-off per batch instead of per line.
+        while True:
+            self._wakeup.wait()
+            if self._linger and not (self._stopping or self._flush_requests):
                 time.sleep(self._linger)
-            item: bytes | threading.Event | None = first
-            while True:
-                if item is _STOP:
-                    stopping = True
-                elif isinstance(item, threading.Event):
-                    markers.append(item)
-                else:
-                    self._add_pending(item)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if self._pending:
+            self._wakeup.clear()
+            # Flush requests first: every line queued before them is taken just below.
+            answered = [self._flush_requests.popleft() for _ in range(len(self._flush_requests))]
+            remaining = len(self._lines)
+            # Bounded slices: between them the thread sits in write(), which releases the GIL,
+            # so the event loop never waits long for it.
+            while remaining:
+                count = min(remaining, _BATCH_LINES)
+                self._take(count)
+                remaining -= count
                 self._flush()
-            for marker in markers:
-                marker.set()
+            if self._pending:
+                self._flush()  # lines kept from an earlier failed write
+            for request in answered:
+                request.set()
+            if self._stopping and not self._lines:
+                break
         self._close_file()
         if self._pending:
             logger.error("interaction log %s: %d lines could not be written", self.path, len(self._pending))
 
-    def _add_pending(self, line: bytes) -> None:
-        if len(self._pending) == self._pending.maxlen:
-            self.lines_dropped += 1
-        self._pending.append(line)
+    def _take(self, count: int) -> None:
+        lines = self._lines
+        self._pending.extend([lines.popleft() for _ in range(count)])
+        excess = len(self._pending) - self._max_pending
+        if excess > 0:
+            self.lines_dropped += excess
+            del self._pending[:excess]
 
     def _flush(self) -> None:
-        data = b"".join(self._pending)
         try:
-            self._append(data)
+            self._append(b"".join(self._pending))
         except OSError as exc:
             self._close_file()
             if not self.failing:
@@ -113,7 +123,7 @@ class JsonlWriter:
         self.failing = False
         self.last_error = None
         self.lines_written += len(self._pending)
-        self._pending.clear()
+        self._pending = []
 
     def _append(self, data: bytes) -> None:
         view = memoryview(data)

@@ -6,14 +6,15 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
+from app.backends import Backend
+from app.config import Settings
 from app.core import Exchange, log_rejected, run_generation, stream_generation
-from app.deps import BackendDep, LogDep, SettingsDep
 from app.errors import InvalidRequest, MiniVaultError, error_body
+from app.interactions import JsonlWriter
 from app.request_id import client_of, request_id_of
-from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, first_item
+from app.responses import ClientGone, EventStreamResponse, OrjsonResponse, cancel_on_disconnect, first_item, sse_event
 from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, parse_generate_request
 
 router = APIRouter()
@@ -49,8 +50,14 @@ _SSE_DOC = {
         }
     },
 )
-async def generate(request: Request, settings: SettingsDep, backend: BackendDep, log: LogDep) -> Response:
+async def generate(request: Request) -> Response:
     """Generate an answer for a prompt; `stream: true` answers as Server-Sent Events."""
+    # The lifespan's objects are read from app.state directly: this is the hot path, and
+    # resolving dependencies costs more here than the rest of the route's own work.
+    state = request.app.state
+    settings: Settings = state.settings
+    backend: Backend = state.backend
+    log: JsonlWriter = state.interaction_log
     request_id = request_id_of(request)
     client = client_of(request)
     body = await request.body()
@@ -69,27 +76,27 @@ async def generate(request: Request, settings: SettingsDep, backend: BackendDep,
         return Response(status_code=499)
 
 
-async def _open_event_stream(exchange: Exchange, backend: BackendDep, log: LogDep) -> EventSourceResponse:
+async def _open_event_stream(exchange: Exchange, backend: Backend, log: JsonlWriter) -> EventStreamResponse:
     chunks = stream_generation(exchange, backend, log)
     first = await first_item(chunks)
-    return EventSourceResponse(_events(first, chunks, exchange), headers={"Cache-Control": "no-cache"}, ping=15)
+    return EventStreamResponse(_events(first, chunks, exchange))
 
 
-async def _events(first: str | None, chunks: AsyncIterator[str], exchange: Exchange) -> AsyncIterator[dict[str, str]]:
+async def _events(first: str | None, chunks: AsyncIterator[str], exchange: Exchange) -> AsyncIterator[bytes]:
     async with aclosing(chunks):
         try:
             if first is not None:
-                yield {"event": "token", "data": _token_json(first)}
+                yield _token(first)
                 async for text in chunks:
-                    yield {"event": "token", "data": _token_json(text)}
+                    yield _token(text)
         except MiniVaultError as exc:
-            yield {"event": "error", "data": orjson.dumps(error_body(exc, exchange.id)).decode()}
+            yield sse_event(b"error", error_body(exc, exchange.id))
             return
-    yield {"event": "done", "data": orjson.dumps(exchange.result()).decode()}
+    yield sse_event(b"done", exchange.result())
 
 
-def _token_json(text: str) -> str:
-    return orjson.dumps({"content": text}).decode()
+def _token(text: str) -> bytes:
+    return sse_event(b"token", {"content": text})
 
 
 def _prompt_of(body: bytes) -> object:

@@ -3,16 +3,14 @@
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
-from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
 from app.backends import SupportsPull
 from app.deps import BackendDep
 from app.errors import MiniVaultError, NotSupported, error_body
 from app.request_id import request_id_of
-from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, first_item
+from app.responses import ClientGone, EventStreamResponse, OrjsonResponse, cancel_on_disconnect, first_item, sse_event
 from app.schemas import ErrorBody, PullRequest, parse_body
 
 router = APIRouter()
@@ -55,23 +53,22 @@ async def pull(request: Request, backend: BackendDep) -> Response:
         first = await cancel_on_disconnect(request.receive, first_item(events))
     except ClientGone:
         return Response(status_code=499)
-    return EventSourceResponse(_progress(first, events, request_id_of(request)), headers={"Cache-Control": "no-cache"})
+    return EventStreamResponse(_progress(first, events, request_id_of(request)))
 
 
 async def _progress(
     first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any]], request_id: str
-) -> AsyncIterator[dict[str, str]]:
+) -> AsyncIterator[bytes]:
     try:
         if first is not None:
             yield _event(first)
             async for event in events:
                 yield _event(event)
     except MiniVaultError as exc:
-        yield {"event": "error", "data": orjson.dumps(error_body(exc, request_id)).decode()}
+        yield sse_event(b"error", error_body(exc, request_id))
     finally:
         await events.aclose()  # type: ignore[attr-defined]
 
 
-def _event(event: dict[str, Any]) -> dict[str, str]:
-    name = "done" if event.get("status") == "success" else "progress"
-    return {"event": name, "data": orjson.dumps(event).decode()}
+def _event(event: dict[str, Any]) -> bytes:
+    return sse_event(b"done" if event.get("status") == "success" else b"progress", event)
