@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format clean system-deps
+.PHONY: run test lint format clean system-deps bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,12 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# docker-compose (Debian's, works offline) validates the compose files; installed when missing and root.
+# Debian packages the tests use: docker-compose validates the compose files (offline), wrk drives
+# the benchmark's smoke test. Installed when missing and root.
 system-deps:
-	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-		apt-get install -y -qq docker-compose >/dev/null; } || \
-		echo "warning: docker-compose is missing and cannot be installed here; the compose tests will fail"
+	@missing=""; for tool in docker-compose wrk; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; } || \
+		echo "warning:$$missing missing and cannot be installed here; the tests that use them will fail"
 
 run: $(VENV)/.runtime
 	$(BIN)/python -m uvicorn app.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
@@ -41,6 +42,12 @@ lint: $(VENV)/.dev
 
 test: lint node_modules/.installed system-deps
 	$(BIN)/python -m pytest
+
+# The benchmark (a few minutes): prints a markdown table, writes bench/results/latest.{json,md}.
+# `make bench ARGS=--quick` runs one short round of each measurement.
+bench: $(VENV)/.dev
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(BIN)/python -m bench.run $(ARGS)
 
 format: $(VENV)/.dev
 	$(BIN)/ruff format app tests

@@ -1,5 +1,6 @@
 """The app factory: `uvicorn app.main:app` serves the app built from the environment."""
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -38,6 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.backend = backend
             app.state.interaction_log = interaction_log
             app.state.probe = BackendProbe(backend, settings.health_timeout, settings.health_cache_seconds)
+            # Everything built so far lives as long as the process: move it out of the garbage
+            # collector's sight, so collections during requests scan only what requests create
+            # (bench/: about 10% less CPU per request and a shorter p99).
+            gc.collect()
+            gc.freeze()
             yield
 
     app = FastAPI(

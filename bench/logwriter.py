@@ -73,3 +73,21 @@ async def measure(directory: Path, lines: int) -> dict[str, float]:
         results[f"{name}_loop_lag_p99_ms"] = lags[int(len(lags) * 0.99)] * 1000 if lags else 0.0
         results[f"{name}_loop_lag_max_ms"] = lags[-1] * 1000 if lags else 0.0
     return results
+
+
+def main() -> None:
+    """Run in a fresh process (`python -m bench.logwriter DIR LINES`): the measurement must not
+    inherit the benchmark client's heap, whose garbage collections would show up as loop lag."""
+    import gc
+    import sys
+
+    import uvloop
+
+    gc.collect()
+    gc.freeze()  # as MiniVault does after start-up
+    results = uvloop.run(measure(Path(sys.argv[1]), int(sys.argv[2])))
+    sys.stdout.write(orjson.dumps(results).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()

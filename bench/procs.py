@@ -93,10 +93,11 @@ class Served:
 def start_fake(workdir: Path) -> Served:
     port = free_port()
     log = workdir / "fake.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_ollama", "--fast", "--port", str(port)],
-        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with log.open("wb") as output:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.fake_ollama", "--fast", "--port", str(port)],
+            cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     wait_for_port(port, process)
     return Served(process, port, log)
 
@@ -127,7 +128,8 @@ def start_minivault(workdir: Path, upstream: str, *, workers: int = 1, name: str
                *production_flags()]  # fmt: skip
     if workers > 1:
         command += ["--workers", str(workers)]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     wait_for_port(port, process)
     served = Served(process, port, log, {"interactions": str(interactions)})
     if workers > 1:

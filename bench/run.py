@@ -6,18 +6,22 @@ table and writes bench/results/latest.json and latest.md.
 """
 
 import argparse
-import asyncio
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import logwriter, streams
+import uvloop
+
+from bench import clients, streams
 from bench.procs import ROOT, Served, start_fake, start_minivault
 from bench.wrk import run_wrk
 
@@ -73,9 +77,30 @@ def check_log(path: Path) -> dict[str, Any]:
     return {"log_lines": len(lines), "log_bad_lines": bad, "log_unique_ids": len(ids)}
 
 
-def run(quick: bool) -> dict[str, Any]:
-    seconds = 2.0 if quick else 4.0
-    rounds = 1 if quick else 3
+@dataclass(frozen=True)
+class Plan:
+    """How long and how many: `full` for the figures, `quick` to look, `smoke` to check the script runs."""
+
+    seconds: int
+    rounds: int
+    streams: int
+    ttft_runs: int
+    relay_streams: int
+    client_requests: int
+    log_lines: int
+
+
+PLANS = {
+    "full": Plan(seconds=4, rounds=3, streams=500, ttft_runs=30, relay_streams=48, client_requests=3000,
+                 log_lines=100_000),
+    "quick": Plan(seconds=2, rounds=1, streams=500, ttft_runs=10, relay_streams=16, client_requests=1000,
+                  log_lines=20_000),
+    "smoke": Plan(seconds=1, rounds=1, streams=50, ttft_runs=3, relay_streams=8, client_requests=200, log_lines=5_000),
+}  # fmt: skip
+
+
+def run(plan: Plan) -> dict[str, Any]:
+    seconds, rounds = plan.seconds, plan.rounds
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="minivault-bench-") as tmp:
         workdir = Path(tmp)
@@ -83,9 +108,11 @@ def run(quick: bool) -> dict[str, Any]:
         minivault = start_minivault(workdir, fake.url)
         try:
             results["rss_idle_mb"] = minivault.memory_kib("VmRSS") / 1024
-            say("500 concurrent websocket streams (100 tokens each at 20 tokens/s)")
-            results |= asyncio.run(streams.many_websockets(minivault, 500, 100, 50))
+            say(f"{plan.streams} concurrent websocket streams (100 tokens each at 20 tokens/s), started over 1 s")
+            runs = [uvloop.run(streams.many_websockets(minivault, plan.streams, 100, 50)) for _ in range(rounds)]
             results["rss_peak_mb"] = minivault.memory_kib("VmHWM") / 1024
+            results |= {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            results["ws_stream_errors"] = sum(run["ws_stream_errors"] for run in runs)
             say("warm-up")
             run_wrk(f"{minivault.url}/generate", GENERATE_BODY, 16, 1)
             run_wrk(f"{fake.url}/api/generate", FAKE_BODY, 16, 1)
@@ -95,12 +122,14 @@ def run(quick: bool) -> dict[str, Any]:
                 say(f"throughput at concurrency {connections}")
                 results |= throughput(fake, minivault, connections, rounds, seconds)
             say("time to first token (256 tokens, 1 ms apart)")
-            results |= asyncio.run(streams.time_to_first_token(fake, minivault, 10 if quick else 30))
+            results |= uvloop.run(streams.time_to_first_token(fake, minivault, plan.ttft_runs))
             say("relay CPU per streamed token")
-            results |= asyncio.run(streams.relay_cpu_per_token(minivault, 16 if quick else 48, 8))
+            results |= uvloop.run(streams.relay_cpu_per_token(minivault, plan.relay_streams, 8))
         finally:
             minivault.stop()
         results["one_worker_log"] = check_log(Path(minivault.extra["interactions"]))
+        say("upstream HTTP clients alone")
+        results |= clients.run(fake.url, plan.client_requests)
         say("two workers")
         two = start_minivault(workdir, fake.url, workers=2, name="two-workers")
         try:
@@ -114,7 +143,14 @@ def run(quick: bool) -> dict[str, Any]:
             fake.stop()
         results["two_worker_log"] = check_log(Path(two.extra["interactions"]))
         say("interaction log writer alone")
-        results |= asyncio.run(logwriter.measure(workdir, 20_000 if quick else 100_000))
+        writes = []
+        for _ in range(rounds):
+            command = [sys.executable, "-m", "bench.logwriter", str(workdir), str(plan.log_lines)]
+            output = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+            writes.append(json.loads(output))
+            for leftover in workdir.glob("*.jsonl"):
+                leftover.unlink()
+        results |= {key: statistics.median(run[key] for run in writes) for key in writes[0]}
     return results
 
 
@@ -134,6 +170,10 @@ def table(r: dict[str, Any]) -> str:
         ("Requests/s, concurrency 64", f"{r['c64_rps']:,.0f}", f"fake alone {r['c64_fake_rps']:,.0f}", "", None),
         ("CPU per request, concurrency 64", f"{r['c64_cpu_ms']:.2f} ms", f"fake alone {r['c64_fake_cpu_ms']:.3f} ms",
          "≤ 1.0 ms", r["c64_cpu_ms"] <= 1.0),
+        ("Upstream client CPU per streamed request (httpx over aiohttp, shipped)",
+         f"{r['client_httpx_aiohttp_us']:.0f} µs",
+         f"aiohttp alone {r['client_aiohttp_us']:.0f} µs; httpx's own transport {r['client_httpx_httpx_us']:.0f} µs",
+         "", None),
         ("Time to first token added, SSE", f"{r['sse_ttft_added_ms']:.2f} ms", f"fake alone {r['fake_ttft_ms']:.2f} ms",
          "≤ 1 ms", r["sse_ttft_added_ms"] <= 1),
         ("Time to first token added, websocket", f"{r['ws_ttft_added_ms']:.2f} ms", "", "≤ 1 ms",
@@ -142,15 +182,17 @@ def table(r: dict[str, Any]) -> str:
          r["sse_relay_us_per_token"] <= 30),
         ("Relay CPU per token, websocket", f"{r['ws_relay_us_per_token']:.1f} µs", "", "≤ 30 µs",
          r["ws_relay_us_per_token"] <= 30),
-        ("500 websocket streams: errors", f"{r['ws_stream_errors']}", f"{r['ws_tokens_received']:,} tokens received",
+        (f"{r['ws_streams']} websocket streams: errors", f"{r['ws_stream_errors']}",
+         f"{r['ws_tokens_received']:,.0f} tokens received",
          "0", r["ws_stream_errors"] == 0),
-        ("500 websocket streams: token delay p99", f"{r['ws_token_delay_p99_ms']:.1f} ms",
+        (f"{r['ws_streams']} websocket streams: token delay p99", f"{r['ws_token_delay_p99_ms']:.1f} ms",
          f"p50 {r['ws_token_delay_p50_ms']:.1f} ms", "≤ 20 ms", r["ws_token_delay_p99_ms"] <= 20),
-        ("RSS idle / peak under 500 streams", f"{r['rss_idle_mb']:.0f} / {r['rss_peak_mb']:.0f} MB", "",
+        (f"RSS idle / peak under {r['ws_streams']} streams", f"{r['rss_idle_mb']:.0f} / {r['rss_peak_mb']:.0f} MB", "",
          "≤ 150 MB", r["rss_peak_mb"] <= 150),
         ("Log writer lines/s", f"{r['writer_lines_per_s']:,.0f}",
          f"write+flush on the loop {r['naive_lines_per_s']:,.0f}", "≥ 20,000", r["writer_lines_per_s"] >= 20000),
-        ("Event-loop lag while logging, max", f"{r['writer_loop_lag_max_ms']:.2f} ms",
+        ("Event-loop lag while logging, max (p99)",
+         f"{r['writer_loop_lag_max_ms']:.2f} ms ({r['writer_loop_lag_p99_ms']:.2f})",
          f"write+flush on the loop {r['naive_loop_lag_max_ms']:.2f} ms", "< 5 ms", r["writer_loop_lag_max_ms"] < 5),
         ("2 workers: requests/s, concurrency 16", f"{r['workers2_c16_rps']:,.0f}",
          f"{r['workers2_c16_rps'] / r['c16_rps']:.2f}× one worker", "", None),
@@ -169,23 +211,29 @@ def table(r: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="MiniVault benchmark")
-    parser.add_argument("--quick", action="store_true", help="shorter runs, one round (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="one short round of each measurement")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: checks the benchmark runs, figures mean little"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where latest.json and latest.md go")
     args = parser.parse_args()
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
     started = time.monotonic()
-    results = run(args.quick)
+    results = run(PLANS[name])
     results["meta"] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "make bench" + (" ARGS=--quick" if args.quick else ""),
+        "command": "make bench" + ("" if name == "full" else f" ARGS=--{name}"),
         "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "seconds": round(time.monotonic() - started, 1),
     }
     markdown = table(results)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     meta = results["meta"]
-    header = f"Measured {meta['date']} with `{meta['command']}` ({meta['machine']}, Python {meta['python']})."
-    (RESULTS / "latest.md").write_text(header + "\n\n" + markdown + "\n")
+    header = (f"Measured {meta['date']} with `{meta['command']}` ({meta['machine']}, Python {meta['python']}, "
+              f"{meta['seconds']:.0f} s).")  # fmt: skip
+    (args.output / "latest.md").write_text(header + "\n\n" + markdown + "\n")
     print(header + "\n\n" + markdown)
 
 

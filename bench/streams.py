@@ -155,7 +155,9 @@ async def _gather_limited(total: int, parallel: int, make: Callable[[], Awaitabl
     await asyncio.gather(*(one() for _ in range(total)))
 
 
-async def many_websockets(minivault: Served, count: int, tokens: int, interval_ms: int) -> dict[str, float]:
+async def many_websockets(
+    minivault: Served, count: int, tokens: int, interval_ms: int, ramp: float = 1.0
+) -> dict[str, float]:
     """`count` websockets streaming at once; each token's delay from the fake to this client."""
     delays_ns: list[int] = []
     errors = 0
@@ -164,7 +166,7 @@ async def many_websockets(minivault: Served, count: int, tokens: int, interval_m
     ready = 0
     everyone_ready = asyncio.Event()
 
-    async def one() -> None:
+    async def one(index: int) -> None:
         nonlocal errors, ready
         try:
             async with opening:
@@ -174,6 +176,10 @@ async def many_websockets(minivault: Served, count: int, tokens: int, interval_m
                 if ready == count:
                     everyone_ready.set()
                 await everyone_ready.wait()
+                # Independent users do not all start in the same millisecond: spread the starts over
+                # `ramp` seconds, or all 500 upstream connections and every stream's tokens would
+                # be due at the same instant.
+                await asyncio.sleep(ramp * index / count)
                 await ws.send(json.dumps({"prompt": prompt(tokens, interval_ms)}))
                 received = 0
                 while True:
@@ -193,7 +199,7 @@ async def many_websockets(minivault: Served, count: int, tokens: int, interval_m
             everyone_ready.set()
 
     started = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.gather(*(one(index) for index in range(count)))
     delays_ms = sorted(d / 1e6 for d in delays_ns)
     return {
         "ws_streams": count,

@@ -1,0 +1,55 @@
+"""The benchmark's own parts: the fast fake speaks Ollama's stream format, and the whole script runs.
+
+Speed is never asserted here (shared machines are noisy); `make bench` measures it.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.procs import start_fake
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_fast_fake_streams_ndjson_on_keep_alive_connections(tmp_path: Path) -> None:
+    fake = start_fake(tmp_path)
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            bodies = [
+                client.post("/api/generate", json={"model": "bench", "prompt": prompt}).text
+                for prompt in ("tokens=3", "tokens=2 interval_ms=5", "hello")
+            ]
+            tags = client.get("/api/tags").json()
+    finally:
+        fake.stop()
+
+    events = [[json.loads(line) for line in body.splitlines()] for body in bodies]
+    assert [len(answer) for answer in events] == [4, 3, 17]  # tokens plus the final line; 16 by default
+    for answer in events:
+        *tokens, final = answer
+        assert all(token["response"].startswith("t") and not token["done"] for token in tokens)
+        assert (final["done"], final["eval_count"]) == (True, len(tokens))
+    assert tags["models"][0]["name"] == "bench:latest"
+
+
+@pytest.mark.timeout(300)
+def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--output", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "latest.json").read_text())
+    assert figures["ws_stream_errors"] == 0
+    assert figures["ws_tokens_received"] == 50 * 100
+    assert figures["two_worker_log"]["log_bad_lines"] == 0
+    assert figures["two_worker_log"]["log_unique_ids"] == figures["two_worker_log"]["log_lines"]
+    table = (tmp_path / "latest.md").read_text()
+    assert table.count("\n| ") == 20  # the header row and one row per measure
+    assert "| Requests/s, concurrency 16 |" in result.stdout
