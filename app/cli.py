@@ -108,6 +108,11 @@ def _json_or_fail(response: httpx.Response) -> Any:
     return body
 
 
+def _get(url: str, path: str) -> Any:
+    with _client(url, read_timeout=30) as client:
+        return _json_or_fail(client.get(path))
+
+
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
     """`key=value` pairs with JSON-typed values: `temperature=0.2`, `num_predict=64`, `stop=["\\n"]`."""
     options: dict[str, Any] = {}
@@ -199,8 +204,7 @@ def serve(
 @cli.command()
 def health(url: Url = DEFAULT_URL, as_json: AsJson = False) -> None:
     """Show whether MiniVault, its backend and its log are working."""
-    with _client(url, read_timeout=30) as client:
-        body = _json_or_fail(client.get("/health"))
+    body = _get(url, "/health")
     if as_json:
         _print_json(body)
         return
@@ -216,8 +220,7 @@ def health(url: Url = DEFAULT_URL, as_json: AsJson = False) -> None:
 @cli.command()
 def models(url: Url = DEFAULT_URL, as_json: AsJson = False) -> None:
     """List the models the backend has."""
-    with _client(url, read_timeout=30) as client:
-        body = _json_or_fail(client.get("/models"))
+    body = _get(url, "/models")
     if as_json:
         _print_json(body)
         return

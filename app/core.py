@@ -20,7 +20,7 @@ class Exchange:
     """One prompt's life: what was asked, the text so far, and the log line it leaves."""
 
     __slots__ = (
-        "id", "endpoint", "client", "request", "model", "backend", "ts", "started",
+        "id", "endpoint", "client", "request", "prompt", "model", "backend", "ts", "started",
         "parts", "completion", "ttft_ms", "latency_ms", "status", "error",
     )  # fmt: skip
 
@@ -31,11 +31,14 @@ class Exchange:
         client: str | None,
         request: GenerateRequest | None,
         backend: Backend,
+        prompt: str | None = None,
     ) -> None:
         self.id = request_id
         self.endpoint = endpoint
         self.client = client
         self.request = request
+        # A rejected request has no GenerateRequest, but whatever prompt it carried is still logged.
+        self.prompt = request.prompt if request else prompt
         self.backend = backend.name
         self.model = (request.model if request else None) or backend.default_model
         self.ts = datetime.now(UTC)
@@ -73,7 +76,7 @@ class Exchange:
             "client": self.client,
             "backend": self.backend,
             "model": self.model,
-            "prompt": request.prompt if request else None,
+            "prompt": self.prompt,
             "system": request.system if request else None,
             "options": request.upstream_options() if request else None,
             "response": self.text,
@@ -132,11 +135,7 @@ def log_rejected(
     error: MiniVaultError, prompt: object = None,
 ) -> None:  # fmt: skip
     """Log a request refused before it reached the upstream, with whatever prompt it carried."""
-    exchange = Exchange(request_id, endpoint, client, None, backend)
+    exchange = Exchange(request_id, endpoint, client, None, backend, prompt if isinstance(prompt, str) else None)
     exchange.status = "error"
     exchange.error = error
-    record_prompt = prompt if isinstance(prompt, str) else None
-    exchange.latency_ms = 0.0
-    line = exchange.record()
-    line["prompt"] = record_prompt
-    log.write(line)
+    exchange.finish(log)

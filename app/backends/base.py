@@ -149,6 +149,17 @@ def error_text(response: httpx.Response) -> str:
     return str(error or response.text[:500])
 
 
+async def get_json(client: httpx.AsyncClient, path: str, upstream: Upstream) -> Any:
+    """GET an upstream JSON document, with failures translated into the error table."""
+    try:
+        response = await client.get(path)
+    except httpx.HTTPError as exc:
+        raise transport_error(exc, upstream, client.timeout) from exc
+    if response.status_code != 200:
+        raise BackendError(f"{upstream.label} answered {response.status_code} to {path}: {error_text(response)}")
+    return response.json()
+
+
 def transport_error(exc: httpx.HTTPError, upstream: Upstream, timeout: httpx.Timeout) -> MiniVaultError:
     """Translate an httpx failure into the error table, naming the setting that changes it."""
     where = f"{upstream.label} at {upstream.url}"

@@ -13,6 +13,7 @@ from app.backends.base import (
     ModelInfo,
     Upstream,
     error_text,
+    get_json,
     iter_json_lines,
     load_json_object,
     transport_error,
@@ -99,12 +100,7 @@ class OllamaBackend:
 
     async def list_models(self) -> list[ModelInfo]:
         """The models Ollama has pulled, from `/api/tags`."""
-        try:
-            response = await self._client.get("/api/tags")
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self._upstream, self._client.timeout) from exc
-        if response.status_code != 200:
-            raise BackendError(f"Ollama answered {response.status_code} to /api/tags: {error_text(response)}")
+        tags = await get_json(self._client, "/api/tags", self._upstream)
         return [
             ModelInfo(
                 name=item.get("name") or item.get("model", ""),
@@ -112,7 +108,7 @@ class OllamaBackend:
                 modified_at=item.get("modified_at"),
                 details=item.get("details") or {},
             )
-            for item in response.json().get("models", [])
+            for item in tags.get("models", [])
         ]
 
     async def probe(self, seconds: float) -> BackendStatus:

@@ -16,6 +16,7 @@ from app.backends.base import (
     ModelInfo,
     Upstream,
     error_text,
+    get_json,
     load_json_object,
     sse_data,
     transport_error,
@@ -121,16 +122,10 @@ class OpenAICompatBackend:
 
     async def list_models(self) -> list[ModelInfo]:
         """The models the server lists at `/v1/models`."""
-        try:
-            response = await self._client.get("/v1/models")
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self._upstream, self._client.timeout) from exc
-        if response.status_code != 200:
-            raise BackendError(f"{self._upstream.label} answered {response.status_code} to /v1/models: "
-                               f"{error_text(response)}")  # fmt: skip
+        listing = await get_json(self._client, "/v1/models", self._upstream)
         return [
             ModelInfo(name=item.get("id", ""), details={"owned_by": item.get("owned_by")})
-            for item in response.json().get("data", [])
+            for item in listing.get("data", [])
         ]
 
     async def probe(self, seconds: float) -> BackendStatus:
