@@ -224,3 +224,28 @@ def test_logs_without_a_log_file_says_where_it_looked(tmp_path: Path) -> None:
 
     assert result.exit_code == 1
     assert f"no interaction log at {tmp_path / 'none.jsonl'} yet" in result.stderr
+
+
+def test_serve_starts_the_api(fake_server: RunningServer, tmp_path: Path) -> None:
+    port = int(closed_port_url().rsplit(":", 1)[1])
+    env = {**os.environ, "MINIVAULT_BACKEND": "ollama", "OLLAMA_BASE_URL": fake_server.url,
+           "MINIVAULT_LOG_PATH": str(tmp_path / "log.jsonl")}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "app/cli.py", "serve", "--port", str(port)],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "Uvicorn running on" in line:
+                break
+        else:
+            pytest.fail("serve exited before listening")
+        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        answer = run_cli("served prompt", url=f"http://127.0.0.1:{port}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        process.stderr.close()  # type: ignore[union-attr]
+    assert health["backend"]["url"] == fake_server.url
+    assert answer.stdout == "served prompt\n"
