@@ -39,15 +39,10 @@ class EventStreamResponse(StreamingResponse):
         super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
-
-            async def stream() -> None:
-                await self.stream_response(send)
-                group.cancel_scope.cancel()
-
-            group.start_soon(stream)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
+        try:
+            await cancel_on_disconnect(receive, self.stream_response(send))
+        except ClientGone:
+            pass  # the events iterator was cancelled, which closed the upstream request
 
 
 class ClientGone(Exception):
