@@ -37,8 +37,8 @@ run: $(VENV)/.runtime
 	$(BIN)/python -m uvicorn app.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check app tests
-	$(BIN)/ruff format --check app tests
+	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench
 
 test: lint node_modules/.installed system-deps
 	$(BIN)/python -m pytest
@@ -50,8 +50,8 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.run $(ARGS)
 
 format: $(VENV)/.dev
-	$(BIN)/ruff format app tests
-	$(BIN)/ruff check --fix app tests
+	$(BIN)/ruff format app tests bench
+	$(BIN)/ruff check --fix app tests bench
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache

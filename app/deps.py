@@ -9,13 +9,8 @@ from fastapi import Depends
 from starlette.requests import HTTPConnection
 
 from app.backends import Backend
-from app.config import Settings
 from app.health import BackendProbe
 from app.interactions import JsonlWriter
-
-
-async def _settings(connection: HTTPConnection) -> Settings:
-    return connection.app.state.settings
 
 
 async def _backend(connection: HTTPConnection) -> Backend:
@@ -30,7 +25,6 @@ async def _probe(connection: HTTPConnection) -> BackendProbe:
     return connection.app.state.probe
 
 
-SettingsDep = Annotated[Settings, Depends(_settings)]
 BackendDep = Annotated[Backend, Depends(_backend)]
 LogDep = Annotated[JsonlWriter, Depends(_log)]
 ProbeDep = Annotated[BackendProbe, Depends(_probe)]
