@@ -2,7 +2,7 @@
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -96,7 +96,7 @@ class Exchange:
         log.write(self.record())
 
 
-async def stream_generation(exchange: Exchange, backend: Backend, log: JsonlWriter) -> AsyncIterator[str]:
+async def stream_generation(exchange: Exchange, backend: Backend, log: JsonlWriter) -> AsyncGenerator[str, None]:
     """Yield the answer's chunks; when the stream ends, however it ends, log the exchange once.
 
     Closing or cancelling the iterator closes the upstream request and logs `cancelled`

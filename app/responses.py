@@ -1,13 +1,16 @@
-"""Response helpers: orjson bodies, and racing a coroutine against the client hanging up."""
+"""Response helpers: orjson bodies, Server-Sent Event streams, and racing work against the client hanging up."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import anyio
 import orjson
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from app.errors import MiniVaultError, error_body
 
 T = TypeVar("T")
 
@@ -45,6 +48,46 @@ class EventStreamResponse(StreamingResponse):
             pass  # the events iterator was cancelled, which closed the upstream request
 
 
+async def open_event_stream(
+    receive: Receive,
+    items: AsyncGenerator[T, None],
+    encode: Callable[[T], bytes],
+    request_id: str,
+    last: Callable[[], bytes] | None = None,
+) -> Response:
+    """Relay `items` as Server-Sent Events, ending with `last()` or an `error` event.
+
+    The first item is awaited before answering, so a failure before anything was produced
+    is still an ordinary HTTP error with the right status; a client that leaves meanwhile
+    gets nothing (499), and the items are closed.
+    """
+    try:
+        first = await cancel_on_disconnect(receive, first_item(items))
+    except ClientGone:
+        return Response(status_code=499)
+    return EventStreamResponse(_relay(first, items, encode, request_id, last))
+
+
+async def _relay(
+    first: T | None,
+    items: AsyncGenerator[T, None],
+    encode: Callable[[T], bytes],
+    request_id: str,
+    last: Callable[[], bytes] | None,
+) -> AsyncIterator[bytes]:
+    async with aclosing(items):
+        try:
+            if first is not None:
+                yield encode(first)
+                async for item in items:
+                    yield encode(item)
+        except MiniVaultError as exc:
+            yield sse_event(b"error", error_body(exc, request_id))
+            return
+    if last is not None:
+        yield last()
+
+
 class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
@@ -70,14 +113,10 @@ async def cancel_on_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     raise ClientGone
 
 
-async def first_item(items: AsyncIterator[T]) -> T | None:
-    """The first item (None when there is none), closing the iterator if getting it fails.
-
-    Streams wait for their first item before sending a 200, so a failure that happens
-    before anything was produced is still an ordinary HTTP error with the right status.
-    """
+async def first_item(items: AsyncGenerator[T, None]) -> T | None:
+    """The first item (None when there is none), closing the generator if getting it fails."""
     try:
         return await anext(items, None)
     except BaseException:
-        await items.aclose()  # type: ignore[attr-defined]
+        await items.aclose()
         raise

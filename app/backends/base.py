@@ -1,7 +1,7 @@
 """The interface every upstream implements, and the helpers their wire formats share."""
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -68,7 +68,7 @@ class Backend(Protocol):
 class SupportsPull(Protocol):
     """A backend that can download models on request (Ollama)."""
 
-    def pull(self, model: str) -> AsyncIterator[dict[str, Any]]:
+    def pull(self, model: str) -> AsyncGenerator[dict[str, Any], None]:
         """Progress events until `{"status": "success"}`; raise MiniVaultError on failure."""
         ...
 

@@ -1,6 +1,6 @@
 """Ollama's native API: `POST /api/generate` streamed as NDJSON, and `/api/tags` for models."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
@@ -76,7 +76,7 @@ class OllamaBackend:
         except httpx.HTTPError as exc:
             raise transport_error(exc, self._upstream, self._client.timeout) from exc
 
-    async def pull(self, model: str) -> AsyncIterator[dict[str, Any]]:
+    async def pull(self, model: str) -> AsyncGenerator[dict[str, Any], None]:
         """Ollama's `/api/pull` progress lines (`status`, and `digest`/`total`/`completed` per layer)."""
         payload = orjson.dumps({"model": model, "stream": True})
         try:

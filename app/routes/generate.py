@@ -1,7 +1,5 @@
 """POST /generate: the whole answer as JSON, or Server-Sent Events when `stream` is true."""
 
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -11,10 +9,10 @@ from starlette.responses import Response
 from app.backends import Backend
 from app.config import Settings
 from app.core import Exchange, log_rejected, run_generation, stream_generation
-from app.errors import InvalidRequest, MiniVaultError, error_body
+from app.errors import InvalidRequest
 from app.interactions import JsonlWriter
 from app.request_id import client_of, request_id_of
-from app.responses import ClientGone, EventStreamResponse, OrjsonResponse, cancel_on_disconnect, first_item, sse_event
+from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream, sse_event
 from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, parse_generate_request
 
 router = APIRouter()
@@ -67,32 +65,16 @@ async def generate(request: Request) -> Response:
         log_rejected(log, backend, request_id, "rest", client, exc, prompt=_prompt_of(body))
         raise
     exchange = Exchange(request_id, "sse" if generate_request.stream else "rest", client, generate_request, backend)
+    if generate_request.stream:
+        chunks = stream_generation(exchange, backend, log)
+        return await open_event_stream(
+            request.receive, chunks, _token, request_id, last=lambda: sse_event(b"done", exchange.result())
+        )
     try:
-        if generate_request.stream:
-            return await cancel_on_disconnect(request.receive, _open_event_stream(exchange, backend, log))
         return OrjsonResponse(await cancel_on_disconnect(request.receive, run_generation(exchange, backend, log)))
     except ClientGone:
         # Nobody is listening; the exchange is already logged as cancelled.
         return Response(status_code=499)
-
-
-async def _open_event_stream(exchange: Exchange, backend: Backend, log: JsonlWriter) -> EventStreamResponse:
-    chunks = stream_generation(exchange, backend, log)
-    first = await first_item(chunks)
-    return EventStreamResponse(_events(first, chunks, exchange))
-
-
-async def _events(first: str | None, chunks: AsyncIterator[str], exchange: Exchange) -> AsyncIterator[bytes]:
-    async with aclosing(chunks):
-        try:
-            if first is not None:
-                yield _token(first)
-                async for text in chunks:
-                    yield _token(text)
-        except MiniVaultError as exc:
-            yield sse_event(b"error", error_body(exc, exchange.id))
-            return
-    yield sse_event(b"done", exchange.result())
 
 
 def _token(text: str) -> bytes:

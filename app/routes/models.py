@@ -1,6 +1,5 @@
 """GET /models (what the upstream has) and POST /models/pull (download one, progress as SSE)."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -8,9 +7,9 @@ from starlette.responses import Response
 
 from app.backends import SupportsPull
 from app.deps import BackendDep
-from app.errors import MiniVaultError, NotSupported, error_body
+from app.errors import NotSupported
 from app.request_id import request_id_of
-from app.responses import ClientGone, EventStreamResponse, OrjsonResponse, cancel_on_disconnect, first_item, sse_event
+from app.responses import OrjsonResponse, open_event_stream, sse_event
 from app.schemas import ErrorBody, PullRequest, parse_body
 
 router = APIRouter()
@@ -48,26 +47,7 @@ async def pull(request: Request, backend: BackendDep) -> Response:
         raise NotSupported(
             f"the {backend.name} backend cannot pull models; pulling works with Ollama (MINIVAULT_BACKEND=ollama)"
         )
-    events = backend.pull(body.model)
-    try:
-        first = await cancel_on_disconnect(request.receive, first_item(events))
-    except ClientGone:
-        return Response(status_code=499)
-    return EventStreamResponse(_progress(first, events, request_id_of(request)))
-
-
-async def _progress(
-    first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any]], request_id: str
-) -> AsyncIterator[bytes]:
-    try:
-        if first is not None:
-            yield _event(first)
-            async for event in events:
-                yield _event(event)
-    except MiniVaultError as exc:
-        yield sse_event(b"error", error_body(exc, request_id))
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
+    return await open_event_stream(request.receive, backend.pull(body.model), _event, request_id_of(request))
 
 
 def _event(event: dict[str, Any]) -> bytes:
