@@ -10,6 +10,10 @@ The model name picks the behaviour, so one server serves every test:
   "garbage:latest"       a token, then a line that is not JSON
   "break:latest"         a token, then the TCP connection is cut mid-response
   "hang:latest"          never answers (until the client gives up)
+  "busy:latest"          answers 503 with Ollama's "maximum pending requests exceeded" error (full queue)
+  "stall:latest"         200, tokens `s0 ` and `s1 `, then silence until the client gives up (idle timeout)
+  "stall-headers:latest" 200 headers, then silence until the client gives up (first-token timeout)
+  "drip:latest"          200 tokens `d{i} `, 50 ms apart (total-timeout while tokens keep flowing)
   anything else          404, as Ollama answers for a model that is not pulled
 `/api/pull` streams progress for any name (and adds it to `models`), except names starting
 "no-such", which end in the registry's "file does not exist" error line.
@@ -30,7 +34,8 @@ from starlette.types import Message, Receive, Scope, Send
 DEFAULT_MODELS = ["tinyllama:1.1b-chat", "llama3:latest"]
 SPECIAL_MODELS = [
     "slow:latest", "split:latest", "fail-500:latest", "error-line:latest", "no-done:latest",
-    "garbage:latest", "break:latest", "hang:latest",
+    "garbage:latest", "break:latest", "hang:latest", "busy:latest", "stall:latest", "stall-headers:latest",
+    "drip:latest",
 ]  # fmt: skip
 
 
@@ -45,6 +50,7 @@ class FakeOllama:
         self.started = 0
         self.finished = 0
         self.disconnects = 0
+        self.busy = 0
         self._changed = threading.Condition()
 
     @property
@@ -57,7 +63,7 @@ class FakeOllama:
             if not self._changed.wait_for(lambda: predicate(self), timeout=timeout):
                 raise AssertionError(
                     f"fake Ollama never reached the expected state (started={self.started}, "
-                    f"finished={self.finished}, disconnects={self.disconnects})"
+                    f"finished={self.finished}, disconnects={self.disconnects}, busy={self.busy})"
                 )
 
     def _count(self, field: str) -> None:
@@ -95,6 +101,11 @@ class FakeOllama:
             return
         if model == "fail-500:latest":
             await _json(send, 500, {"error": "llama runner process has terminated: signal: killed"})
+            return
+        if model == "busy:latest":
+            # Word for word what Ollama sends when OLLAMA_MAX_QUEUE is exceeded (double space included).
+            await _json(send, 503, {"error": "server busy, please try again.  maximum pending requests exceeded"})
+            self._count("busy")
             return
         self._count("started")
         gone = asyncio.Event()
@@ -144,10 +155,19 @@ class FakeOllama:
         delay = self.delay
         if model == "slow:latest":
             words, delay = [f"w{i} " for i in range(400)], 0.02
+        elif model == "drip:latest":
+            words, delay = [f"d{i} " for i in range(200)], 0.05
+        elif model == "stall:latest":
+            # Fixed, so exactly two tokens arrive whatever the prompt is.
+            words = ["s0 ", "s1 "]
         limit = options.get("num_predict")
         tokens = words[:limit] if isinstance(limit, int) and limit >= 0 else words
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/x-ndjson")]})  # fmt: skip
+        if model == "stall-headers:latest":
+            # Headers are out, so only a first-token timeout (not a connect/response one) can end this.
+            await gone.wait()
+            return False
         started = time.monotonic_ns()
         for index, token in enumerate(tokens):
             if delay:
@@ -160,6 +180,10 @@ class FakeOllama:
             await self._send_line(send, model, {"model": model, "created_at": _now(), "response": token, "done": False})
             if model in ("error-line:latest", "garbage:latest", "break:latest", "no-done:latest") and index == 1:
                 break
+        if model == "stall:latest":
+            # The connection stays open and silent: only an idle-between-tokens timeout ends it.
+            await gone.wait()
+            return False
         if model == "error-line:latest":
             await self._send_line(
                 send, model, {"error": "an error was encountered while running the model: GGML_ASSERT"}
