@@ -1,10 +1,21 @@
 """Settings: the only module that reads the environment and `.env`."""
 
+import hashlib
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -81,10 +92,30 @@ class Settings(BaseSettings):
         validation_alias="MINIVAULT_CONNECT_TIMEOUT",
         description="Seconds to wait for a connection to the upstream.",
     )
-    read_timeout: PositiveFloat = Field(
+    first_token_timeout: PositiveFloat = Field(
         120.0,
+        validation_alias="MINIVAULT_FIRST_TOKEN_TIMEOUT",
+        description="Seconds from sending a prompt upstream to its first token (a cold model load counts).",
+    )
+    idle_timeout: PositiveFloat = Field(
+        60.0,
+        validation_alias="MINIVAULT_IDLE_TIMEOUT",
+        description="Seconds the upstream may go silent between two tokens.",
+    )
+    total_timeout: PositiveFloat | None = Field(
+        None,
+        validation_alias="MINIVAULT_TOTAL_TIMEOUT",
+        description="Seconds one answer may take in all, queue excluded; unset: no bound.",
+    )
+    read_timeout: PositiveFloat | None = Field(
+        None,
         validation_alias="MINIVAULT_READ_TIMEOUT",
-        description="Seconds to wait for the upstream's next bytes (a cold model load counts).",
+        description="Older setting: when set, the default of both the first-token and the idle timeout.",
+    )
+    upstream_retries: NonNegativeInt = Field(
+        2,
+        validation_alias="MINIVAULT_UPSTREAM_RETRIES",
+        description="Retries of a connection to the upstream that failed before anything was sent.",
     )
     upstream_transport: Literal["aiohttp", "httpx"] = Field(
         "aiohttp",
@@ -118,6 +149,95 @@ class Settings(BaseSettings):
         description="How long an upstream probe result is reused.",
     )
 
+    api_keys: SecretStr | None = Field(
+        None,
+        validation_alias="MINIVAULT_API_KEYS",
+        description="Comma-separated API keys, or sha256:<hex> digests of them; unset: no auth.",
+    )
+    cors_origins: str | None = Field(
+        None,
+        validation_alias="MINIVAULT_CORS_ORIGINS",
+        description="Comma-separated origins browsers may call MiniVault from; unset: CORS off.",
+    )
+    log_prompts: bool = Field(
+        True,
+        validation_alias="MINIVAULT_LOG_PROMPTS",
+        description="Store prompt, system and response texts; false keeps only their lengths.",
+    )
+    max_concurrency: PositiveInt = Field(
+        4,
+        validation_alias="MINIVAULT_MAX_CONCURRENCY",
+        description="Generations sent upstream at once.",
+    )
+    max_queue: NonNegativeInt = Field(
+        64,
+        validation_alias="MINIVAULT_MAX_QUEUE",
+        description="Generations that may wait for a slot, in arrival order; more get 429 busy.",
+    )
+    max_body_bytes: PositiveInt = Field(
+        1_048_576,
+        validation_alias="MINIVAULT_MAX_BODY_BYTES",
+        description="Largest request body or websocket message, in bytes; larger gets 413 (websocket: close 1009).",
+    )
+    warmup: bool = Field(
+        False,
+        validation_alias="MINIVAULT_WARMUP",
+        description="Load the default model upstream at start-up; /ready says loading until it is done.",
+    )
+    shutdown_grace: float = Field(
+        30.0,
+        ge=0,
+        validation_alias="MINIVAULT_SHUTDOWN_GRACE",
+        description="Seconds answers in flight may take to finish after SIGTERM before they are cut off.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        validation_alias="MINIVAULT_LOG_FORMAT",
+        description="The server's own output: text, or one JSON object per line.",
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="prometheus_client multiprocess directory; set it in the environment to run several workers.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_timeout_sets_defaults(cls, data: Any) -> Any:
+        # MINIVAULT_READ_TIMEOUT bounded every gap before the timeouts were split; existing .env files keep it.
+        if isinstance(data, dict):
+            legacy = data.get("MINIVAULT_READ_TIMEOUT", data.get("read_timeout"))
+            if legacy is not None and _is_number(legacy):
+                for name, alias in (("first_token_timeout", "MINIVAULT_FIRST_TOKEN_TIMEOUT"),
+                                    ("idle_timeout", "MINIVAULT_IDLE_TIMEOUT")):  # fmt: skip
+                    if name not in data and alias not in data:
+                        data[alias] = legacy
+        return data
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            for key in _split(value.get_secret_value()):
+                if key.startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", key[7:]):
+                    raise ValueError("a sha256: entry must be followed by 64 hex digits (sha256sum of the key)")
+        return value
+
+    def key_digests(self) -> list[bytes]:
+        """The sha256 digest of every configured key (plain keys are hashed here)."""
+        if self.api_keys is None:
+            return []
+        digests = []
+        for key in _split(self.api_keys.get_secret_value()):
+            if key.startswith("sha256:"):
+                digests.append(bytes.fromhex(key[7:]))
+            else:
+                digests.append(hashlib.sha256(key.encode()).digest())
+        return digests
+
+    def cors_origin_list(self) -> list[str]:
+        return _split(self.cors_origins or "")
+
     @field_validator("ollama_base_url", "openai_base_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
@@ -129,6 +249,18 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL with a host, like http://localhost:11434")
         # OpenAI SDKs put /v1 in the base URL; MiniVault adds it itself.
         return value.rstrip("/").removesuffix("/v1")
+
+
+def _is_number(value: object) -> bool:
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -1,27 +1,53 @@
-"""The generation flow shared by REST, SSE, WebSocket and CLI: call the upstream, time it, log it."""
+"""The generation service shared by REST, SSE and WebSocket: admission, timeouts, the upstream call,
+and handing every finished exchange to its consumers (the JSONL log, metrics)."""
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Protocol
 
+from app.admission import Admission
 from app.backends import Backend, Completion
-from app.errors import MiniVaultError
-from app.interactions import JsonlWriter
-from app.schemas import GenerateRequest
+from app.errors import BackendTimeout, MiniVaultError, ShuttingDown
+from app.schemas import Endpoint, ExchangeRecord, GenerateRequest, LoggedError, Status
 
-Endpoint = Literal["rest", "sse", "ws"]
-Status = Literal["ok", "error", "cancelled"]
+logger = logging.getLogger(__name__)
+
+
+class ExchangeConsumer(Protocol):
+    """Something that wants every finished exchange (the log file, metrics, later the history)."""
+
+    def consume(self, record: ExchangeRecord) -> None:
+        """Take one record; runs on the event loop, so it must not block."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """Yielded by `GenerationService.stream` while the exchange waits: its place in the queue (1 = next)."""
+
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds each phase of an answer may take; `total` None means no overall bound."""
+
+    first_token: float
+    idle: float
+    total: float | None
 
 
 class Exchange:
-    """One prompt's life: what was asked, the text so far, and the log line it leaves."""
+    """One prompt's life: what was asked, the text so far, and the record it leaves."""
 
     __slots__ = (
-        "id", "endpoint", "client", "request", "prompt", "model", "backend", "ts", "started",
-        "parts", "completion", "ttft_ms", "latency_ms", "status", "error",
+        "id", "endpoint", "client", "key_id", "request", "prompt", "model", "backend", "ts", "started",
+        "parts", "completion", "queue_ms", "ttft_ms", "latency_ms", "status", "error",
     )  # fmt: skip
 
     def __init__(
@@ -29,6 +55,7 @@ class Exchange:
         request_id: str,
         endpoint: Endpoint,
         client: str | None,
+        key_id: str | None,
         request: GenerateRequest | None,
         backend: Backend,
         prompt: str | None = None,
@@ -36,6 +63,7 @@ class Exchange:
         self.id = request_id
         self.endpoint = endpoint
         self.client = client
+        self.key_id = key_id
         self.request = request
         # A rejected request has no GenerateRequest, but whatever prompt it carried is still logged.
         self.prompt = request.prompt if request else prompt
@@ -45,6 +73,7 @@ class Exchange:
         self.started = time.perf_counter()
         self.parts: list[str] = []
         self.completion = Completion()
+        self.queue_ms: float | None = None
         self.ttft_ms: float | None = None
         self.latency_ms: float | None = None
         self.status: Status = "ok"
@@ -63,79 +92,281 @@ class Exchange:
             "id": self.id,
             "done_reason": completion.done_reason,
             "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
-            "timings": {"total_ms": self.latency_ms, "ttft_ms": self.ttft_ms},
+            "timings": {"total_ms": self.latency_ms, "ttft_ms": self.ttft_ms, "queue_ms": self.queue_ms},
         }
 
-    def record(self) -> dict[str, Any]:
-        """The line this exchange leaves in logs/log.jsonl."""
+    def record(self, keep_text: bool) -> ExchangeRecord:
+        """The line this exchange leaves in logs/log.jsonl; without `keep_text`, lengths stand in for texts."""
         request = self.request
-        return {
-            "id": self.id,
-            "ts": self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "endpoint": self.endpoint,
-            "client": self.client,
-            "backend": self.backend,
-            "model": self.model,
-            "prompt": self.prompt,
-            "system": request.system if request else None,
-            "options": request.upstream_options() if request else None,
-            "response": self.text,
-            "status": self.status,
-            "error": {"code": self.error.code, "message": self.error.message} if self.error else None,
-            "done_reason": self.completion.done_reason,
-            "prompt_tokens": self.completion.prompt_tokens,
-            "completion_tokens": self.completion.completion_tokens,
-            "ttft_ms": self.ttft_ms,
-            "latency_ms": self.latency_ms,
-        }
+        text = self.text
+        system = request.system if request else None
+        error = self.error
+        return ExchangeRecord(
+            id=self.id,
+            ts=self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            endpoint=self.endpoint,
+            client=self.client,
+            key_id=self.key_id,
+            backend=self.backend,
+            model=self.model,
+            prompt=self.prompt if keep_text else None,
+            system=system if keep_text else None,
+            options=request.upstream_options() if request else None,
+            response=text if keep_text else None,
+            prompt_chars=len(self.prompt) if self.prompt is not None else None,
+            response_chars=len(text),
+            status=self.status,
+            error=LoggedError(error.code, error.message) if error else None,
+            done_reason=self.completion.done_reason,
+            prompt_tokens=self.completion.prompt_tokens,
+            completion_tokens=self.completion.completion_tokens,
+            queue_ms=self.queue_ms,
+            ttft_ms=self.ttft_ms,
+            latency_ms=self.latency_ms,
+        )
 
-    def finish(self, log: JsonlWriter) -> None:
-        self.latency_ms = round((time.perf_counter() - self.started) * 1000, 3)
-        if self.status == "cancelled":
-            self.completion.done_reason = "cancelled"
-        log.write(self.record())
 
+class _Guard:
+    """Ends one exchange from outside (a timeout, or shutdown) with a MiniVaultError.
 
-async def stream_generation(exchange: Exchange, backend: Backend, log: JsonlWriter) -> AsyncGenerator[str, None]:
-    """Yield the answer's chunks; when the stream ends, however it ends, log the exchange once.
-
-    Closing or cancelling the iterator closes the upstream request and logs `cancelled`
-    with the partial text. Upstream failures are logged and re-raised as MiniVaultError.
+    It cancels the exchange's task only while that task waits inside the service (for the
+    upstream, or in the queue); while the consumer is busy with a token, it leaves a note that
+    the stream raises on its next step. One timer per exchange, re-armed only when it fires early,
+    so the per-token cost is two attribute writes.
     """
-    assert exchange.request is not None
-    parts = exchange.parts
-    try:
-        async with aclosing(backend.stream(exchange.request, exchange.model, exchange.completion)) as chunks:
-            async for text in chunks:
-                if not parts:
-                    exchange.ttft_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
-                parts.append(text)
-                yield text
-    except MiniVaultError as exc:
+
+    __slots__ = ("loop", "timeouts", "task", "inside", "error", "cancelled", "started", "last", "handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: Timeouts) -> None:
+        self.loop = loop
+        self.timeouts = timeouts
+        self.task: asyncio.Task[Any] | None = None
+        self.inside = False
+        self.error: MiniVaultError | None = None
+        self.cancelled = False
+        self.started = 0.0
+        self.last: float | None = None
+        self.handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """The upstream call begins: from now on the first-token, idle and total bounds apply."""
+        self.started = self.loop.time()
+        self._schedule()
+
+    def _deadline(self) -> tuple[float, str]:
+        timeouts = self.timeouts
+        if self.last is None:
+            due, which = self.started + timeouts.first_token, "first_token"
+        else:
+            due, which = self.last + timeouts.idle, "idle"
+        if timeouts.total is not None and self.started + timeouts.total < due:
+            due, which = self.started + timeouts.total, "total"
+        return due, which
+
+    def _schedule(self) -> None:
+        due, _ = self._deadline()
+        self.handle = self.loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        due, which = self._deadline()
+        if self.loop.time() < due:
+            self.handle = self.loop.call_at(due, self._check)  # tokens came since: look again later
+            return
+        self.fire(_timeout_error(which, self.timeouts))
+
+    def fire(self, error: MiniVaultError) -> None:
+        """End the exchange with `error`: now if it waits inside the service, else at its next step."""
+        if self.error is not None:
+            return
+        self.error = error
+        if self.inside and self.task is not None:
+            self.cancelled = True
+            self.task.cancel()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+
+
+def _timeout_error(which: str, timeouts: Timeouts) -> BackendTimeout:
+    if which == "first_token":
+        return BackendTimeout(
+            f"the upstream sent no token within {timeouts.first_token:g} s (MINIVAULT_FIRST_TOKEN_TIMEOUT="
+            f"{timeouts.first_token:g}; a cold model load counts, raise it for large models)"
+        )
+    if which == "idle":
+        return BackendTimeout(
+            f"the upstream stopped sending tokens for {timeouts.idle:g} s mid-answer "
+            f"(MINIVAULT_IDLE_TIMEOUT={timeouts.idle:g})"
+        )
+    return BackendTimeout(
+        f"the answer took longer than {timeouts.total:g} s in all (MINIVAULT_TOTAL_TIMEOUT={timeouts.total:g})"
+    )
+
+
+class GenerationService:
+    """Owns the backend, the admission limiter and the consumers; routes hand it exchanges."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        admission: Admission,
+        timeouts: Timeouts,
+        consumers: Sequence[ExchangeConsumer],
+        keep_text: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.admission = admission
+        self.timeouts = timeouts
+        self.consumers = list(consumers)
+        self.keep_text = keep_text
+        self.draining = False
+        self._guards: set[_Guard] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def exchange(
+        self,
+        request_id: str,
+        endpoint: Endpoint,
+        client: str | None,
+        key_id: str | None,
+        request: GenerateRequest,
+    ) -> Exchange:
+        return Exchange(request_id, endpoint, client, key_id, request, self.backend)
+
+    async def stream(self, exchange: Exchange) -> AsyncGenerator[str | Queued, None]:
+        """Yield `Queued` while waiting for a slot, then the answer's text chunks; log the exchange once.
+
+        Closing or cancelling the iterator closes the upstream request and logs `cancelled` with
+        the partial text. Failures (upstream, timeouts, a full queue, shutdown) are logged and
+        raised as MiniVaultError.
+        """
+        assert exchange.request is not None
+        loop = asyncio.get_running_loop()
+        guard = _Guard(loop, self.timeouts)
+        self._guards.add(guard)
+        self._idle.clear()
+        admission = self.admission
+        ticket = None
+        admitted = False
+        parts = exchange.parts
+        try:
+            if self.draining:
+                raise ShuttingDown("MiniVault is shutting down and takes no new prompts; retry in a moment")
+            guard.task = asyncio.current_task()
+            if admission.try_enter():
+                admitted = True
+            else:
+                ticket = admission.enqueue()
+                shown = 0
+                while True:
+                    ticket.changed.clear()
+                    if ticket.admitted:
+                        break
+                    position = admission.position(ticket)
+                    if position != shown:
+                        shown = position
+                        yield Queued(position)
+                        if guard.error is not None:
+                            raise guard.error
+                        continue
+                    guard.inside = True
+                    await ticket.changed.wait()
+                    guard.inside = False
+                ticket, admitted = None, True
+                exchange.queue_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
+            guard.start()
+            guard.inside = True
+            async with aclosing(self.backend.stream(exchange.request, exchange.model, exchange.completion)) as chunks:
+                async for text in chunks:
+                    guard.inside = False
+                    guard.last = loop.time()
+                    if not parts:
+                        exchange.ttft_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
+                    parts.append(text)
+                    yield text
+                    if guard.error is not None:
+                        raise guard.error
+                    guard.inside = True
+            guard.inside = False
+        except asyncio.CancelledError:
+            guard.inside = False
+            if guard.cancelled and guard.error is not None:
+                # Our own cancellation: take it back, so the task is not left marked as cancelled.
+                if guard.task is not None:
+                    guard.task.uncancel()
+                exchange.status, exchange.error = "error", guard.error
+                raise guard.error from None
+            exchange.status = "cancelled"
+            raise
+        except MiniVaultError as exc:
+            exchange.status, exchange.error = "error", exc
+            raise
+        except GeneratorExit:
+            exchange.status = "cancelled"
+            raise
+        finally:
+            guard.close()
+            self._guards.discard(guard)
+            if ticket is not None:
+                admission.leave(ticket)
+            elif admitted:
+                admission.release(loop.time() - guard.started if guard.started else None)
+            self.finish(exchange)
+            if not self._guards:
+                self._idle.set()
+
+    async def run(self, exchange: Exchange) -> dict[str, Any]:
+        """Generate the whole answer (waiting in the queue if need be) and return the REST body."""
+        async with aclosing(self.stream(exchange)) as chunks:
+            async for _ in chunks:
+                pass
+        return exchange.result()
+
+    def reject(
+        self, request_id: str, endpoint: Endpoint, client: str | None, key_id: str | None,
+        error: MiniVaultError, prompt: object = None,
+    ) -> None:  # fmt: skip
+        """Log a request refused before it reached the service, with whatever prompt it carried."""
+        exchange = Exchange(
+            request_id, endpoint, client, key_id, None, self.backend, prompt if isinstance(prompt, str) else None
+        )
         exchange.status = "error"
-        exchange.error = exc
-        raise
-    except (asyncio.CancelledError, GeneratorExit):
-        exchange.status = "cancelled"
-        raise
-    finally:
-        exchange.finish(log)
+        exchange.error = error
+        self.finish(exchange)
 
+    def finish(self, exchange: Exchange) -> None:
+        """Time the exchange and hand its record to every consumer."""
+        exchange.latency_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
+        if exchange.status == "cancelled":
+            exchange.completion.done_reason = "cancelled"
+        record = exchange.record(self.keep_text)
+        for consumer in self.consumers:
+            try:
+                consumer.consume(record)
+            except Exception:
+                logger.exception("exchange consumer %r failed on %s", consumer, exchange.id)
 
-async def run_generation(exchange: Exchange, backend: Backend, log: JsonlWriter) -> dict[str, Any]:
-    """Generate the whole answer and return the REST body."""
-    async with aclosing(stream_generation(exchange, backend, log)) as chunks:
-        async for _ in chunks:
+    @property
+    def in_flight(self) -> int:
+        """Exchanges admitted or queued right now."""
+        return len(self._guards)
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new prompts, give those in flight `grace` seconds, then end the rest; returns how many were ended."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+            return 0
+        except TimeoutError:
             pass
-    return exchange.result()
-
-
-def log_rejected(
-    log: JsonlWriter, backend: Backend, request_id: str, endpoint: Endpoint, client: str | None,
-    error: MiniVaultError, prompt: object = None,
-) -> None:  # fmt: skip
-    """Log a request refused before it reached the upstream, with whatever prompt it carried."""
-    exchange = Exchange(request_id, endpoint, client, None, backend, prompt if isinstance(prompt, str) else None)
-    exchange.status = "error"
-    exchange.error = error
-    exchange.finish(log)
+        remaining = list(self._guards)
+        for guard in remaining:
+            guard.fire(ShuttingDown(f"MiniVault is shutting down; this answer was cut off after {grace:g} s "
+                                    "(MINIVAULT_SHUTDOWN_GRACE)"))  # fmt: skip
+        try:
+            await asyncio.wait_for(self._idle.wait(), 5)
+        except TimeoutError:
+            logger.warning("%d exchanges did not end within 5 s of being cut off", len(self._guards))
+        return len(remaining)

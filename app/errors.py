@@ -6,16 +6,27 @@ and the log only ever see this hierarchy.
 
 from typing import Any, ClassVar
 
+# Websocket close codes (RFC 6455) MiniVault closes with; most errors keep the socket open.
+WS_POLICY_VIOLATION = 1008
+WS_MESSAGE_TOO_BIG = 1009
+WS_GOING_AWAY = 1001
+
 
 class MiniVaultError(Exception):
-    """Base class: `code` is the stable machine name, `message` tells the user what to do."""
+    """Base class: `code` is the stable machine name, `message` tells the user what to do.
+
+    `headers` go on the HTTP response (Retry-After); `ws_close`, when set, is the close code a
+    websocket ends with after the error frame (None: the socket stays open for the next prompt).
+    """
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    ws_close: ClassVar[int | None] = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers
 
     def to_dict(self, request_id: str) -> dict[str, Any]:
         """The `{"code", "message", "id"}` object shared by bodies and stream frames."""
@@ -37,7 +48,7 @@ class ModelNotFound(MiniVaultError):
 
 
 class BackendUnavailable(MiniVaultError):
-    """The upstream cannot be reached at all (refused, DNS, not running)."""
+    """The upstream cannot be reached at all (refused, DNS, not running), or is still loading."""
 
     status = 503
     code = "backend_unavailable"
@@ -55,6 +66,44 @@ class BackendError(MiniVaultError):
 
     status = 502
     code = "backend_error"
+
+
+class Unauthorized(MiniVaultError):
+    """No API key, or one MiniVault does not know."""
+
+    status = 401
+    code = "unauthorized"
+    ws_close = WS_POLICY_VIOLATION
+
+
+class PayloadTooLarge(MiniVaultError):
+    """The body (or websocket message) is over MINIVAULT_MAX_BODY_BYTES."""
+
+    status = 413
+    code = "payload_too_large"
+    ws_close = WS_MESSAGE_TOO_BIG
+
+
+class Busy(MiniVaultError):
+    """MiniVault's queue (or Ollama's) is full; retry after `retry_after` seconds."""
+
+    status = 429
+    code = "busy"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, {"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+    def to_dict(self, request_id: str) -> dict[str, Any]:
+        return {**super().to_dict(request_id), "retry_after": self.retry_after}
+
+
+class ShuttingDown(MiniVaultError):
+    """MiniVault is stopping: new work is refused, and work past the grace period is ended."""
+
+    status = 503
+    code = "shutting_down"
+    ws_close = WS_GOING_AWAY
 
 
 class NotSupported(MiniVaultError):

@@ -1,44 +1,75 @@
 """The app factory: `uvicorn app.main:app` serves the app built from the environment."""
 
+import asyncio
 import gc
+import ipaddress
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from app import __version__
-from app.backends import open_backend
+from app.admission import Admission
+from app.auth import OPEN_PATHS, ApiKeyMiddleware
+from app.backends import Backend, open_backend
+from app.body_limit import BodyLimitMiddleware
 from app.config import ConfigError, Settings, load_settings
-from app.errors import InvalidRequest, MethodNotAllowed, MiniVaultError, RouteNotFound, error_body
+from app.core import GenerationService, Timeouts
+from app.errors import InvalidRequest, MethodNotAllowed, MiniVaultError, RouteNotFound
 from app.health import BackendProbe
 from app.interactions import JsonlWriter
-from app.request_id import HEADER, RequestIdMiddleware, request_id_of
-from app.responses import OrjsonResponse
-from app.routes import generate, health, models, ws
-from app.schemas import describe_validation_errors
+from app.metrics import Metrics
+from app.request_id import RequestIdMiddleware, request_id_of
+from app.responses import error_response
+from app.routes import generate, health, metrics, models, ws
+from app.schemas import GenerateRequest, PullRequest, describe_validation_errors
+from app.serverlog import configure_server_log
+from app.shutdown import install_drain
 
 logger = logging.getLogger("app")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build MiniVault; the lifespan opens the upstream client and the interaction log."""
+    """Build MiniVault; the lifespan opens the upstream client, the generation service and the log."""
     settings = settings or load_settings()
-    _configure_logging()
+    configure_server_log(settings.log_format)
+    app_metrics = Metrics(settings.metrics_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_server_log(settings.log_format)  # uvicorn may have reconfigured logging since
         async with AsyncExitStack() as stack:
-            interaction_log = JsonlWriter(settings.log_path)
+            stack.callback(app_metrics.close)
+            interaction_log = JsonlWriter(settings.log_path, on_batch=app_metrics.count_log_batch)
             interaction_log.start()
             stack.push_async_callback(interaction_log.aclose)
             backend = await open_backend(settings, stack)
+            service = GenerationService(
+                backend,
+                Admission(settings.max_concurrency, settings.max_queue, app_metrics.set_load),
+                Timeouts(settings.first_token_timeout, settings.idle_timeout, settings.total_timeout),
+                [interaction_log, app_metrics],
+                keep_text=settings.log_prompts,
+            )
+            app.state.service = service
             app.state.backend = backend
             app.state.interaction_log = interaction_log
             app.state.probe = BackendProbe(backend, settings.health_timeout, settings.health_cache_seconds)
+            app.state.loading = None
+            if settings.warmup:
+                app.state.loading = asyncio.create_task(_warm_up(backend))
+                stack.callback(app.state.loading.cancel)
+            stack.callback(install_drain(service, settings.shutdown_grace))
+            _announce_access(settings)
             # Everything built so far lives as long as the process: move it out of the garbage
             # collector's sight, so collections during requests scan only what requests create
             # (bench/: about 10% less CPU per request and a shorter p99).
@@ -53,35 +84,117 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = app_metrics
+    # Added innermost first: request id, then CORS (preflights answered without a key), then auth,
+    # then the body limit; each error on the way out carries the request id.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if digests := settings.key_digests():
+        app.add_middleware(ApiKeyMiddleware, digests=digests, on_refused=app_metrics.count_refused)
+    if origins := settings.cors_origin_list():
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"], max_age=600,
+        )  # fmt: skip
     app.add_middleware(RequestIdMiddleware)
     _add_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(ws.router)
     app.include_router(health.router)
     app.include_router(models.router)
+    app.include_router(metrics.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
-def _configure_logging() -> None:
-    # uvicorn configures only its own loggers; without this, MiniVault's INFO lines would be lost.
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     [minivault] %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, plus what its decorators cannot say: the hand-parsed request bodies, the
+    API key schemes, and the 401 that every route but /health and /ready can answer."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    components = schema.setdefault("components", {})
+    models = components.setdefault("schemas", {})
+    for model in (GenerateRequest, PullRequest):
+        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        models.update(model_schema.pop("$defs", {}))
+        models[model.__name__] = model_schema
+    if not app.state.settings.api_keys:
+        # Declared only when enforced: schemathesis' ignored_auth check (rightly) fails a scheme the API ignores.
+        app.openapi_schema = schema
+        return schema
+    components["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "A key from MINIVAULT_API_KEYS."},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "The same key."},
+    }
+    unauthorized = {
+        "description": "unauthorized: no API key, or an unknown one (only when MINIVAULT_API_KEYS is set)",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+    for path, operations in schema["paths"].items():
+        if path in OPEN_PATHS:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"bearer": []}, {"apiKey": []}]
+            operation["responses"].setdefault("401", unauthorized)
+    app.openapi_schema = schema
+    return schema
+
+
+async def _warm_up(backend: Backend) -> None:
+    """Have the upstream load the default model; /ready says `loading` until this ends."""
+    model = backend.default_model
+    logger.info("warm-up: loading %s on %s", model, backend.name)
+    try:
+        await backend.warm(model)
+    except MiniVaultError as exc:
+        logger.warning("warm-up of %s failed: %s", model, exc.message)
+        return
+    logger.info("warm-up: %s is loaded", model)
+
+
+def _announce_access(settings: Settings) -> None:
+    keys = settings.key_digests()
+    if keys:
+        logger.info("auth is on: %d API key(s); /health and /ready stay open", len(keys))
+        return
+    logger.info("auth is off: anyone who can reach this port can use the model (set MINIVAULT_API_KEYS)")
+    host = _bound_host()
+    if host is not None and not _is_loopback(host):
+        logger.warning(
+            "listening on %s with no API keys: anyone on the network can use the model and read the log; "
+            "set MINIVAULT_API_KEYS, or bind to 127.0.0.1",
+            host,
+        )
+
+
+def _bound_host() -> str | None:
+    """The --host uvicorn (or `minivault serve`) was started with, if any."""
+    args = sys.argv[1:]
+    for index, arg in enumerate(args):
+        if arg == "--host" and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("UVICORN_HOST")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    def render(request: Request, error: MiniVaultError) -> Response:
-        return OrjsonResponse(error_body(error, request_id_of(request)), status_code=error.status)
-
     @app.exception_handler(MiniVaultError)
     async def on_minivault_error(request: Request, exc: MiniVaultError) -> Response:
-        return render(request, exc)
+        return error_response(exc, request_id_of(request))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return render(request, InvalidRequest(describe_validation_errors(exc)))  # type: ignore[arg-type]
+        return error_response(InvalidRequest(describe_validation_errors(exc)), request_id_of(request))  # type: ignore[arg-type]
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -94,18 +207,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         else:
             error = MiniVaultError(str(exc.detail))
             error.status = exc.status_code  # type: ignore[misc]
-        response = render(request, error)
-        if exc.headers:
-            response.headers.update(exc.headers)
-        return response
+        return error_response(error, request_id_of(request), exc.headers)
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> Response:
-        # Runs outside the request-id middleware, so it sets the header itself.
+        # Runs outside the request-id middleware, so the renderer sets the header itself.
         request_id = request.scope.get("state", {}).get("request_id", "unknown")
         logger.exception("unhandled error in %s %s (%s)", request.method, request.url.path, request_id)
-        error = MiniVaultError("MiniVault hit an internal error; the server log has the details")
-        return OrjsonResponse(error_body(error, request_id), status_code=500, headers={HEADER: request_id})
+        return error_response(MiniVaultError("MiniVault hit an internal error; the server log has the details"),
+                              request_id)  # fmt: skip
 
 
 try:

@@ -6,6 +6,8 @@ import uuid
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.serverlog import request_id_var
+
 HEADER = "x-request-id"
 _ACCEPTABLE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -48,6 +50,8 @@ class RequestIdMiddleware:
                 break
         request_id = request_id or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
+        # For the server's JSON log lines; each request runs in its own task, so its own context.
+        request_id_var.set(request_id)
         raw_header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: Message) -> None:

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.errors import MiniVaultError, error_body
+from app.request_id import HEADER
 
 T = TypeVar("T")
 
@@ -22,9 +23,46 @@ class OrjsonResponse(JSONResponse):
         return orjson.dumps(content)
 
 
+def error_response(error: MiniVaultError, request_id: str, headers: dict[str, str] | None = None) -> OrjsonResponse:
+    """The one HTTP rendering of an error: its status, `{"error": {...}}`, and its headers (Retry-After)."""
+    merged = {**(error.headers or {}), **(headers or {}), HEADER: request_id}
+    return OrjsonResponse(error_body(error, request_id), status_code=error.status, headers=merged)
+
+
+def ws_error_frame(error: MiniVaultError, request_id: str) -> str:
+    """The websocket rendering: `{"type": "error", "code", "message", "id"}`."""
+    return orjson.dumps({"type": "error", **error.to_dict(request_id)}).decode()
+
+
+async def send_ws_error(receive: Receive, send: Send, error: MiniVaultError, request_id: str) -> None:
+    """Refuse a websocket before the app sees it: accept, send the error frame, close with its code."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": ws_error_frame(error, request_id)})
+    await send({"type": "websocket.close", "code": error.ws_close or 1011, "reason": error.code})
+
+
 def sse_event(name: bytes, payload: Any) -> bytes:
     """One Server-Sent Event; orjson never emits a raw newline, so `data` is always one line."""
     return b"event: " + name + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def sse_doc(description: str, events: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """OpenAPI for a Server-Sent Events response: `schema` describes one event (OpenAPI 3.1; 3.2 names it
+    `itemSchema`), whose `data` is JSON with a schema per event name. Schemathesis validates every event."""
+    one_of = [
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": name},
+                "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": schema},
+            },
+        }
+        for name, schema in events.items()
+    ]
+    return {"description": description, "content": {"text/event-stream": {"schema": {"oneOf": one_of}}}}
 
 
 class EventStreamResponse(StreamingResponse):

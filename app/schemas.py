@@ -1,12 +1,19 @@
 """Pydantic models for what crosses the API boundary, and the request parser REST and WS share."""
 
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from app.errors import InvalidRequest
 
 M = TypeVar("M", bound=BaseModel)
+
+# Ollama's integer options are Go int64s; orjson cannot encode a Python int outside this range either.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# "Has a character str.strip() keeps", spelled out: JSON Schema's `\S` (ECMA-262) disagrees with Python on
+# U+001C-U+001F, U+0085 and U+FEFF, and schemathesis would send "\x1e" as a valid prompt.
+NOT_BLANK = r"[^\t\n\u000b\f\r \u001c-\u001f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
 
 class Options(BaseModel):
@@ -14,14 +21,14 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    num_keep: int | None = None
-    seed: int | None = None
-    num_predict: int | None = Field(None, ge=-2)
-    top_k: int | None = Field(None, ge=0)
+    num_keep: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    num_predict: int | None = Field(None, ge=-2, le=INT64_MAX)
+    top_k: int | None = Field(None, ge=0, le=INT64_MAX)
     top_p: float | None = Field(None, ge=0, le=1)
     min_p: float | None = Field(None, ge=0, le=1)
     typical_p: float | None = Field(None, ge=0, le=1)
-    repeat_last_n: int | None = Field(None, ge=-1)
+    repeat_last_n: int | None = Field(None, ge=-1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0)
     repeat_penalty: float | None = Field(None, ge=0)
     presence_penalty: float | None = None
@@ -29,12 +36,23 @@ class Options(BaseModel):
     penalize_newline: bool | None = None
     stop: list[str] | None = None
     numa: bool | None = None
-    num_ctx: int | None = Field(None, gt=0)
-    num_batch: int | None = Field(None, gt=0)
-    num_gpu: int | None = Field(None, ge=-1)
-    main_gpu: int | None = Field(None, ge=0)
+    num_ctx: int | None = Field(None, gt=0, le=INT64_MAX)
+    num_batch: int | None = Field(None, gt=0, le=INT64_MAX)
+    num_gpu: int | None = Field(None, ge=-1, le=INT64_MAX)
+    main_gpu: int | None = Field(None, ge=0, le=INT64_MAX)
     use_mmap: bool | None = None
-    num_thread: int | None = Field(None, gt=0)
+    num_thread: int | None = Field(None, gt=0, le=INT64_MAX)
+
+    @field_validator(
+        "num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu", "main_gpu",
+        "num_thread", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _integral_float(cls, value: object) -> object:
+        """JSON Schema's `integer` includes 2.0; strict mode alone would refuse it."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
 
 class GenerateRequest(BaseModel):
@@ -42,7 +60,7 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(description="The text to complete; not blank.")
+    prompt: str = Field(description="The text to complete; not blank.", json_schema_extra={"pattern": NOT_BLANK})
     model: str | None = Field(None, min_length=1, description="Defaults to OLLAMA_MODEL.")
     system: str | None = Field(None, description="System prompt for this request.")
     options: Options | None = Field(None, description="Ollama model options.")
@@ -85,6 +103,7 @@ class ErrorDetail(BaseModel):
     code: str
     message: str
     id: str
+    retry_after: int | None = Field(None, description="With `busy`: seconds to wait before retrying.")
 
 
 class ErrorBody(BaseModel):
@@ -99,6 +118,57 @@ class PullRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1, description="The model to download, e.g. tinyllama:1.1b-chat.")
+
+
+Endpoint = Literal["rest", "sse", "ws"]
+Status = Literal["ok", "error", "cancelled"]
+
+
+@dataclass(slots=True)
+class LoggedError:
+    code: str
+    message: str
+
+
+@dataclass(slots=True, kw_only=True)
+class ExchangeRecord:
+    """One line of logs/log.jsonl: a finished exchange, whatever its outcome.
+
+    A dataclass rather than a BaseModel: orjson writes it directly (one is made per request),
+    and readers validate lines against it with `read_record`. With MINIVAULT_LOG_PROMPTS=false
+    the three texts are None and only their lengths are kept. Fields newer than the first log
+    format have defaults, so old lines still read.
+    """
+
+    id: str
+    ts: str
+    endpoint: Endpoint
+    client: str | None = None
+    key_id: str | None = None
+    backend: str
+    model: str | None = None
+    prompt: str | None = None
+    system: str | None = None
+    options: dict[str, Any] | None = None
+    response: str | None = None
+    prompt_chars: int | None = None
+    response_chars: int | None = None
+    status: Status
+    error: LoggedError | None = None
+    done_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    queue_ms: float | None = None
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+
+
+_RECORD = TypeAdapter(ExchangeRecord)
+
+
+def read_record(line: bytes | str) -> ExchangeRecord:
+    """Parse one log line; raises ValueError for a torn or foreign line. Fields added later may be missing."""
+    return _RECORD.validate_json(line)
 
 
 def parse_body(model: type[M], raw: bytes | str | dict[str, Any], example: str) -> M:

@@ -46,7 +46,8 @@ def ollama() -> Iterator[respx.MockRouter]:
         (httpx.ConnectError("refused"), {"prompt": "hi"}, 503, "backend_unavailable"),
         (httpx.ConnectTimeout("slow"), {"prompt": "hi"}, 504, "backend_timeout"),
         (httpx.ReadTimeout("slow"), {"prompt": "hi"}, 504, "backend_timeout"),
-        (httpx.Response(503, json={"error": "server busy"}), {"prompt": "hi"}, 502, "backend_error"),
+        (httpx.Response(503, json={"error": "server busy"}), {"prompt": "hi"}, 429, "busy"),
+        (httpx.Response(500, json={"error": "llama runner crashed"}), {"prompt": "hi"}, 502, "backend_error"),
     ],
 )
 async def test_each_error_row_has_its_status_code_and_log_line(
@@ -62,9 +63,11 @@ async def test_each_error_row_has_its_status_code_and_log_line(
         response = await client.post("/generate", json=body)
 
     assert response.status_code == status
-    assert response.json() == {
-        "error": {"code": code, "message": response.json()["error"]["message"], "id": response.headers["x-request-id"]}
-    }
+    expected = {"code": code, "message": response.json()["error"]["message"], "id": response.headers["x-request-id"]}
+    if code == "busy":
+        expected["retry_after"] = 1
+        assert response.headers["retry-after"] == "1"
+    assert response.json() == {"error": expected}
     assert response.json()["error"]["message"]
     [line] = read_log(log_path)
     assert (line["status"], line["error"]["code"], line["id"]) == ("error", code, response.headers["x-request-id"])
@@ -87,20 +90,25 @@ async def test_log_record_has_every_documented_field(ollama: respx.MockRouter, l
     assert response.status_code == 200
     [line] = read_log(log_path)
     assert set(line) == {
-        "id", "ts", "endpoint", "client", "backend", "model", "prompt", "system", "options", "response",
-        "status", "error", "done_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms",
+        "id", "ts", "endpoint", "client", "key_id", "backend", "model", "prompt", "system", "options", "response",
+        "prompt_chars", "response_chars", "status", "error", "done_reason", "prompt_tokens", "completion_tokens",
+        "queue_ms", "ttft_ms", "latency_ms",
     }  # fmt: skip
     assert line["ts"].endswith("Z") and "T" in line["ts"]
     assert {k: line[k] for k in line if k not in ("ts", "ttft_ms", "latency_ms")} == {
         "id": "abc-123",
         "endpoint": "rest",
         "client": "192.0.2.7:50000",
+        "key_id": None,
         "backend": "ollama",
         "model": "tinyllama:1.1b-chat",
         "prompt": "Say hi",
         "system": "Be kind",
         "options": {"temperature": 0.5},
         "response": "Hi there",
+        "prompt_chars": 6,
+        "response_chars": 8,
+        "queue_ms": None,
         "status": "ok",
         "error": None,
         "done_reason": "stop",
@@ -116,7 +124,11 @@ async def test_openapi_documents_the_request_body(log_path: Path) -> None:
         create_app(make_settings(ollama_base_url=URL, log_path=log_path, upstream_transport="httpx"))
     ) as client:
         schema = (await client.get("/openapi.json")).json()
-    body = schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    reference = schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert reference == {"$ref": "#/components/schemas/GenerateRequest"}
+    body = schema["components"]["schemas"]["GenerateRequest"]
+    assert body["properties"]["options"]["anyOf"][0] == {"$ref": "#/components/schemas/Options"}
+    assert "num_predict" in schema["components"]["schemas"]["Options"]["properties"]
     assert body["required"] == ["prompt"]
     assert set(body["properties"]) == {"prompt", "model", "system", "options", "stream"}
     assert json.dumps(schema).count("invalid_request") >= 1

@@ -3,6 +3,7 @@
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def test_a_prompt_named_like_a_command_needs_generate(minivault: RunningServer) 
     as_command = runner.invoke(cli, ["models", "--url", minivault.url])
 
     assert as_prompt.stdout == "models\n"
-    assert "* tinyllama:1.1b-chat  1.0 KB" in as_command.stdout
+    assert re.search(r"^\* tinyllama:1\.1b-chat +1\.0 KB$", as_command.stdout, re.MULTILINE)
 
 
 def test_stream_prints_tokens_before_the_answer_is_complete(minivault: RunningServer, fake: FakeOllama) -> None:

@@ -15,9 +15,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 from app.interactions import JsonlWriter
-from tests.conftest import read_log
+from app.main import create_app
+from tests.conftest import make_settings, read_log
 from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, bound_socket
+from tests.servers import RunningServer, bound_socket, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +109,13 @@ async def test_rotated_or_deleted_log_is_recreated(tmp_path: Path) -> None:
     assert [line["n"] for line in read_log(path)] == [3]
 
 
-async def test_200_concurrent_requests_leave_200_whole_lines(minivault: RunningServer, log_path: Path) -> None:
+async def test_200_concurrent_requests_leave_200_whole_lines(fake_server: RunningServer, log_path: Path) -> None:
+    settings = make_settings(ollama_base_url=fake_server.url, log_path=log_path, max_queue=200)
+    with serve_in_thread(create_app(settings)) as minivault:
+        await _200_requests(minivault, log_path)
+
+
+async def _200_requests(minivault: RunningServer, log_path: Path) -> None:
     limits = httpx.Limits(max_connections=200)
     async with httpx.AsyncClient(base_url=minivault.url, limits=limits, timeout=60) as client:
 
@@ -128,17 +135,19 @@ async def test_200_concurrent_requests_leave_200_whole_lines(minivault: RunningS
         assert line["response"] == f"request {index} " + "word " * 20
 
 
-async def test_sigterm_drains_in_flight_exchanges_to_the_log(
+async def test_sigterm_finishes_in_flight_answers_and_cuts_off_the_rest_after_the_grace(
     fake_server: RunningServer, fake: FakeOllama, log_path: Path
 ) -> None:
     fake.delay = 0.05
     sock = bound_socket()
-    env = {**os.environ, "OLLAMA_BASE_URL": fake_server.url, "MINIVAULT_LOG_PATH": str(log_path)}
+    env = {**os.environ, "OLLAMA_BASE_URL": fake_server.url, "MINIVAULT_LOG_PATH": str(log_path),
+           "MINIVAULT_MAX_CONCURRENCY": "32", "MINIVAULT_SHUTDOWN_GRACE": "1.5"}  # fmt: skip
     server = subprocess.Popen(  # noqa: ASYNC220 - started once; the loop has nothing else to do yet
         [sys.executable, "-m", "uvicorn", "app.main:app", "--fd", str(sock.fileno()), "--log-level", "warning"],
         cwd=ROOT,
         env=env,
         pass_fds=[sock.fileno()],
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
@@ -154,17 +163,27 @@ async def test_sigterm_drains_in_flight_exchanges_to_the_log(
                 await anyio.to_thread.run_sync(lambda: fake.wait_until(lambda f: f.started == 21, 30))
                 server.send_signal(signal.SIGTERM)
                 statuses = await requests
+                # The 400-token websocket answer (8 s) cannot finish within the 1.5 s grace.
+                frames = [json.loads(frame) async for frame in ws]
+                close_code = ws.close_code
         # uvicorn re-raises the signal once it has shut down cleanly.
         assert server.wait(timeout=30) in (0, -signal.SIGTERM)
     finally:
         server.kill()
         sock.close()
+        output = server.stderr.read().decode() if server.stderr else ""
+        if server.stderr:
+            server.stderr.close()
 
     assert statuses == [200] * 20
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "shutting_down"
+    assert "MINIVAULT_SHUTDOWN_GRACE" in frames[-1]["message"]
+    assert close_code == 1001
     lines = read_log(log_path)
     assert len(lines) == 21
-    by_endpoint = sorted((line["endpoint"], line["status"]) for line in lines)
-    assert by_endpoint == [("rest", "ok")] * 20 + [("ws", "cancelled")]
+    by_endpoint = sorted((line["endpoint"], line["status"], (line["error"] or {}).get("code")) for line in lines)
+    assert by_endpoint == [("rest", "ok", None)] * 20 + [("ws", "error", "shutting_down")]
+    assert "cut off 1 answers" in output
 
 
 def test_startup_stops_with_one_line_naming_a_bad_setting(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ async def test_system_and_options_are_sent_as_given(backend: OllamaBackend) -> N
             BackendTimeout,
             "within 1.5 s (connect timeout; raise MINIVAULT_CONNECT_TIMEOUT)",
         ),
-        (httpx.ReadTimeout("slow"), BackendTimeout, "nothing for 7.0 s (read timeout; raise MINIVAULT_READ_TIMEOUT)"),
+        (httpx.ReadTimeout("slow"), BackendTimeout, "nothing for 7.0 s (raise MINIVAULT_FIRST_TOKEN_TIMEOUT"),
         (httpx.PoolTimeout("busy"), BackendTimeout, "MINIVAULT_UPSTREAM_MAX_CONNECTIONS"),
         (httpx.RemoteProtocolError("peer closed"), BackendError, "broke: peer closed"),
         (httpx.Response(500, json={"error": "out of memory"}), BackendError, "Ollama answered 500: out of memory"),

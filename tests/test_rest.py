@@ -165,7 +165,7 @@ def test_stopped_ollama_is_503_naming_the_url(log_path: Path) -> None:
     assert read_log(log_path)[0]["error"]["code"] == "backend_unavailable"
 
 
-def test_hanging_ollama_is_504_naming_the_timeout(fake_server: RunningServer, fake: FakeOllama, log_path: Path) -> None:
+def test_older_read_timeout_setting_still_bounds_a_hanging_ollama(fake_server: RunningServer, fake: FakeOllama, log_path: Path) -> None:
     settings = make_settings(ollama_base_url=fake_server.url, log_path=log_path, read_timeout=0.3)
     with serve_in_thread(create_app(settings)) as server:
         response = httpx.post(f"{server.url}/generate", json={"prompt": "hi", "model": "hang"})
@@ -174,7 +174,7 @@ def test_hanging_ollama_is_504_naming_the_timeout(fake_server: RunningServer, fa
     error = response.json()["error"]
     assert error["code"] == "backend_timeout"
     assert "0.3 s" in error["message"]
-    assert "MINIVAULT_READ_TIMEOUT" in error["message"]
+    assert "MINIVAULT_FIRST_TOKEN_TIMEOUT=0.3" in error["message"]
     fake.wait_until(lambda f: f.disconnects == 1)
 
 

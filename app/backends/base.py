@@ -59,6 +59,10 @@ class Backend(Protocol):
         """The models the upstream can serve."""
         ...
 
+    async def warm(self, model: str) -> None:
+        """Have the upstream load `model` now, so the first prompt does not wait for it."""
+        ...
+
     async def probe(self, seconds: float) -> BackendStatus:
         """Check reachability and the default model within `seconds`; never raises."""
         ...
@@ -170,7 +174,9 @@ def transport_error(exc: httpx.HTTPError, upstream: Upstream, timeout: httpx.Tim
             "(connect timeout; raise MINIVAULT_CONNECT_TIMEOUT)"
         )
     if issubclass(kind, httpx.ReadTimeout):
-        return BackendTimeout(f"{where} sent nothing for {timeout.read} s (read timeout; raise MINIVAULT_READ_TIMEOUT)")
+        return BackendTimeout(
+            f"{where} sent nothing for {timeout.read} s (raise MINIVAULT_FIRST_TOKEN_TIMEOUT / MINIVAULT_IDLE_TIMEOUT)"
+        )
     if issubclass(kind, httpx.PoolTimeout):
         return BackendTimeout(
             f"every pooled connection to {upstream.label} stayed busy for {timeout.pool} s "

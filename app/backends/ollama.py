@@ -18,7 +18,7 @@ from app.backends.base import (
     load_json_object,
     transport_error,
 )
-from app.errors import BackendError, InvalidRequest, MiniVaultError, ModelNotFound
+from app.errors import BackendError, Busy, InvalidRequest, MiniVaultError, ModelNotFound
 from app.schemas import GenerateRequest
 
 _JSON = {"Content-Type": "application/json"}
@@ -84,19 +84,25 @@ class OllamaBackend:
             async with self._client.stream("POST", "/api/pull", content=payload, headers=_JSON) as response:
                 if response.status_code != 200:
                     await response.aread()
-                    raise BackendError(f"Ollama answered {response.status_code} to pull: {error_text(response)}")
+                    raise _pull_error(model, error_text(response), response.status_code)
                 async for event in iter_json_lines(response.aiter_bytes(), "Ollama"):
                     if "error" in event:
-                        message = str(event["error"])
-                        if "file does not exist" in message:
-                            raise ModelNotFound(f"Ollama's registry has no model '{model}' ({message})")
-                        raise BackendError(f"Ollama: {message}")
+                        raise _pull_error(model, str(event["error"]))
                     yield event
                     if event.get("status") == "success":
                         return
                 raise BackendError("Ollama closed the pull before reporting success")
         except httpx.HTTPError as exc:
             raise transport_error(exc, self._upstream, self._client.timeout) from exc
+
+    async def warm(self, model: str) -> None:
+        """Load `model` into memory: Ollama loads a model for a generate request with no prompt."""
+        try:
+            response = await self._client.post("/api/generate", content=orjson.dumps({"model": model}), headers=_JSON)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._upstream, self._client.timeout) from exc
+        if response.status_code != 200:
+            raise await self._status_error(response, model)
 
     async def list_models(self) -> list[ModelInfo]:
         """The models Ollama has pulled, from `/api/tags`."""
@@ -131,6 +137,8 @@ class OllamaBackend:
             return ModelNotFound(await self._missing_model_message(model))
         if response.status_code == 400:
             return InvalidRequest(f"Ollama rejected the request: {error_text(response)}")
+        if response.status_code == 503:
+            return Busy(f"Ollama is busy ({error_text(response)}); retry shortly, or raise OLLAMA_MAX_QUEUE", 1)
         return BackendError(f"Ollama answered {response.status_code}: {error_text(response)}")
 
     async def _missing_model_message(self, model: str) -> str:
@@ -141,6 +149,17 @@ class OllamaBackend:
         return (
             f"model '{model}' is not installed in Ollama (installed: {installed}); pull it with `ollama pull {model}`"
         )
+
+
+def _pull_error(model: str, message: str, status: int | None = None) -> MiniVaultError:
+    """A refused pull: the name's fault (4xx, so the caller can fix it) or Ollama's (502)."""
+    if "file does not exist" in message or status == 404:
+        return ModelNotFound(f"Ollama's registry has no model '{model}' ({message})")
+    if status == 400 or "invalid model name" in message:
+        return InvalidRequest(f"Ollama refused to pull '{model}': {message}")
+    if status is not None:
+        return BackendError(f"Ollama answered {status} to pull: {message}")
+    return BackendError(f"Ollama: {message}")
 
 
 def model_in(model: str, names: set[str | None]) -> bool:

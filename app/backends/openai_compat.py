@@ -21,7 +21,7 @@ from app.backends.base import (
     sse_data,
     transport_error,
 )
-from app.errors import BackendError, InvalidRequest, MiniVaultError, ModelNotFound
+from app.errors import BackendError, Busy, InvalidRequest, MiniVaultError, ModelNotFound
 from app.schemas import GenerateRequest
 
 _JSON = {"Content-Type": "application/json"}
@@ -120,6 +120,9 @@ class OpenAICompatBackend:
             payload[_OPTION_FIELDS[option]] = value
         return payload
 
+    async def warm(self, model: str) -> None:
+        """Nothing to do: an OpenAI-compatible server loads its model itself."""
+
     async def list_models(self) -> list[ModelInfo]:
         """The models the server lists at `/v1/models`."""
         listing = await get_json(self._client, "/v1/models", self._upstream)
@@ -160,6 +163,8 @@ class OpenAICompatBackend:
             )
         if status == 400:
             return InvalidRequest(f"{label} rejected the request: {text}")
+        if status in (429, 503):
+            return Busy(f"{label} is busy ({status}: {text}); retry shortly", 1)
         return BackendError(f"{label} answered {status}: {text}")
 
 

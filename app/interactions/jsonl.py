@@ -4,13 +4,17 @@ import asyncio
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from app.schemas import ExchangeRecord
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +28,23 @@ class JsonlWriter:
     (threads or worker processes) never interleave. The file is reopened when it is rotated
     or deleted. A failed write keeps up to `max_pending` lines to retry with the next batch
     and marks the log as failing. `linger` seconds let a burst gather into one batch.
+    The file is created readable by its owner only, and a torn last line (left by a killed
+    process) is ended before the first new line, so no record is glued to a fragment.
+    `on_batch(written, failed)` is told the outcome of every batch (the metrics counters).
 
     The thread does almost no Python work per line (it takes whole batches off a deque), so
     it rarely holds the GIL while the event loop wants it.
     """
 
-    def __init__(self, path: Path, max_pending: int = 100_000, linger: float = 0.002) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_pending: int = 100_000,
+        linger: float = 0.002,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.path = Path(path)
+        self._on_batch = on_batch
         self.failing = False
         self.last_error: str | None = None
         self.lines_written = 0
@@ -54,7 +68,11 @@ class JsonlWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def write(self, record: dict[str, Any]) -> None:
+    def consume(self, record: ExchangeRecord) -> None:
+        """Take a finished exchange (the generation service calls this)."""
+        self.write(record)
+
+    def write(self, record: ExchangeRecord | dict[str, Any]) -> None:
         """Queue one record; never blocks and never raises for disk trouble."""
         self._lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         if not self._wakeup.is_set():  # one wake-up per batch, not per line
@@ -117,12 +135,16 @@ class JsonlWriter:
                 logger.error("interaction log %s: write failed (%s); will retry with the next batch", self.path, exc)
             self.failing = True
             self.last_error = f"{type(exc).__name__}: {exc}"
+            if self._on_batch is not None:
+                self._on_batch(0, len(self._pending))
             return
         if self.failing:
             logger.warning("interaction log %s: writing again", self.path)
         self.failing = False
         self.last_error = None
         self.lines_written += len(self._pending)
+        if self._on_batch is not None:
+            self._on_batch(len(self._pending), 0)
         self._pending = []
 
     def _append(self, data: bytes) -> None:
@@ -144,11 +166,25 @@ class JsonlWriter:
             return self._fd
         self._close_file()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._fd, self._inode = fd, os.fstat(fd).st_ino
+        _end_torn_line(self.path, fd)
         return fd
 
     def _close_file(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = self._inode = None
+
+
+def _end_torn_line(path: Path, fd: int) -> None:
+    """If the file ends mid-line (a process was killed while writing), end that line first."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or not info.st_size:
+        return
+    with path.open("rb") as file:
+        file.seek(-1, os.SEEK_END)
+        last = file.read(1)
+    if last != b"\n":
+        logger.warning("interaction log ends with a torn line (a killed writer?); starting a new line after it")
+        os.write(fd, b"\n")

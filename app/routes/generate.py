@@ -6,45 +6,52 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.backends import Backend
+from app.auth import key_id_of
 from app.config import Settings
-from app.core import Exchange, log_rejected, run_generation, stream_generation
-from app.errors import InvalidRequest
-from app.interactions import JsonlWriter
+from app.core import GenerationService, Queued
+from app.errors import InvalidRequest, PayloadTooLarge
 from app.request_id import client_of, request_id_of
-from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream, sse_event
-from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, parse_generate_request
+from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream, sse_doc, sse_event
+from app.schemas import ErrorBody, GenerateResponse, parse_generate_request
 
 router = APIRouter()
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {
+        401: "unauthorized: no API key, or an unknown one (when MINIVAULT_API_KEYS is set)",
         404: "model_not_found: the upstream lacks the model",
+        413: "payload_too_large: the body is over MINIVAULT_MAX_BODY_BYTES",
         422: "invalid_request: the body is not a valid request",
         502: "backend_error: the upstream failed",
-        503: "backend_unavailable: the upstream cannot be reached",
-        504: "backend_timeout: the upstream did not answer in time",
+        503: "backend_unavailable: the upstream cannot be reached; shutting_down: MiniVault is stopping",
+        504: "backend_timeout: the upstream did not answer in time (the message names the timeout setting)",
     }.items()
 }
-_SSE_DOC = {
-    "description": "With `stream: true`: `token`, then `done` or `error` events.",
-    "content": {"text/event-stream": {}},
+ERRORS[429] = {
+    "model": ErrorBody,
+    "description": "busy: MiniVault's queue (MINIVAULT_MAX_QUEUE) or Ollama's is full",
+    "headers": {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}},
 }
+_SSE_DOC = sse_doc(
+    "With `stream: true`: `queued` (while waiting for a slot), `token`, then `done` or `error` events.",
+    {
+        "queued": {"type": "object", "required": ["position"], "properties": {"position": {"type": "integer"}}},
+        "token": {"type": "object", "required": ["content"], "properties": {"content": {"type": "string"}}},
+        "done": {"$ref": "#/components/schemas/GenerateResponse"},
+        "error": {"$ref": "#/components/schemas/ErrorBody"},
+    },
+)
 
 
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={**_ERRORS, 200: {"content": {"text/event-stream": _SSE_DOC}}},
+    responses={**ERRORS, 200: {"content": _SSE_DOC["content"]}},
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {
-                "application/json": {
-                    "schema": GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-                }
-            },
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
         }
     },
 )
@@ -54,31 +61,38 @@ async def generate(request: Request) -> Response:
     # resolving dependencies costs more here than the rest of the route's own work.
     state = request.app.state
     settings: Settings = state.settings
-    backend: Backend = state.backend
-    log: JsonlWriter = state.interaction_log
+    service: GenerationService = state.service
     request_id = request_id_of(request)
     client = client_of(request)
-    body = await request.body()
+    key_id = key_id_of(request)
+    body = b""
     try:
+        body = await request.body()
         generate_request = parse_generate_request(body, settings.max_prompt_chars)
-    except InvalidRequest as exc:
-        log_rejected(log, backend, request_id, "rest", client, exc, prompt=_prompt_of(body))
+    except (InvalidRequest, PayloadTooLarge) as exc:
+        service.reject(request_id, "rest", client, key_id, exc, prompt=_prompt_of(body))
         raise
-    exchange = Exchange(request_id, "sse" if generate_request.stream else "rest", client, generate_request, backend)
+    exchange = service.exchange(request_id, "sse" if generate_request.stream else "rest", client, key_id,
+                                generate_request)  # fmt: skip
     if generate_request.stream:
-        chunks = stream_generation(exchange, backend, log)
         return await open_event_stream(
-            request.receive, chunks, _token, request_id, last=lambda: sse_event(b"done", exchange.result())
+            request.receive,
+            service.stream(exchange),
+            _event,
+            request_id,
+            last=lambda: sse_event(b"done", exchange.result()),
         )
     try:
-        return OrjsonResponse(await cancel_on_disconnect(request.receive, run_generation(exchange, backend, log)))
+        return OrjsonResponse(await cancel_on_disconnect(request.receive, service.run(exchange)))
     except ClientGone:
         # Nobody is listening; the exchange is already logged as cancelled.
         return Response(status_code=499)
 
 
-def _token(text: str) -> bytes:
-    return sse_event(b"token", {"content": text})
+def _event(item: str | Queued) -> bytes:
+    if type(item) is str:
+        return sse_event(b"token", {"content": item})
+    return sse_event(b"queued", {"position": item.position})  # type: ignore[union-attr]
 
 
 def _prompt_of(body: bytes) -> object:

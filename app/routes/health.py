@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from app import __version__
 from app.backends import Backend, BackendStatus
@@ -34,10 +34,16 @@ async def health(backend: BackendDep, probe: ProbeDep, log: LogDep) -> OrjsonRes
     return OrjsonResponse(_body("ok", backend, await probe.status(), log))
 
 
-@router.get("/ready", responses={503: {"description": "The upstream is down or lacks the model."}})
-async def ready(backend: BackendDep, probe: ProbeDep, log: LogDep) -> OrjsonResponse:
+@router.get("/ready", responses={503: {"description": "The upstream is down, lacks the model, or is loading it."}})
+async def ready(request: Request, backend: BackendDep, probe: ProbeDep, log: LogDep) -> OrjsonResponse:
     """200 when the upstream answers and has the configured model, else 503 with the reason."""
     status = await probe.status()
+    warm_up = request.app.state.loading
+    if warm_up is not None and not warm_up.done():
+        body = _body("loading", backend, status, log)
+        body["reason"] = "loading"
+        body["message"] = f"loading {backend.default_model} upstream (MINIVAULT_WARMUP)"
+        return OrjsonResponse(body, status_code=503)
     if status.reachable and status.model_available:
         return OrjsonResponse(_body("ready", backend, status, log))
     body = _body("unavailable", backend, status, log)

@@ -9,13 +9,14 @@ from app.backends import SupportsPull
 from app.deps import BackendDep
 from app.errors import NotSupported
 from app.request_id import request_id_of
-from app.responses import OrjsonResponse, open_event_stream, sse_event
+from app.responses import OrjsonResponse, open_event_stream, sse_doc, sse_event
+from app.routes.generate import ERRORS
 from app.schemas import ErrorBody, PullRequest, parse_body
 
 router = APIRouter()
 
 
-@router.get("/models")
+@router.get("/models", responses={status: ERRORS[status] for status in (401, 502, 503, 504)})
 async def models(backend: BackendDep) -> OrjsonResponse:
     """The models the upstream has, with their sizes in bytes."""
     found = await backend.list_models()
@@ -29,15 +30,35 @@ async def models(backend: BackendDep) -> OrjsonResponse:
     )
 
 
+# Ollama's progress lines as they come: a status and, per layer, its digest and byte counts.
+_PROGRESS = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {
+        "status": {"type": "string"},
+        "digest": {"type": "string"},
+        "total": {"type": "integer"},
+        "completed": {"type": "integer"},
+    },
+}
+
+
 @router.post(
     "/models/pull",
     responses={
-        200: {"description": "`progress` events, then `done` or `error`.", "content": {"text/event-stream": {}}},
-        404: {"model": ErrorBody},
-        501: {"model": ErrorBody, "description": "The backend in use cannot pull models."},
+        **{status: ERRORS[status] for status in (401, 413, 422, 502, 503, 504)},
+        200: sse_doc(
+            "`progress` events, then `done` or `error`.",
+            {"progress": _PROGRESS, "done": _PROGRESS, "error": {"$ref": "#/components/schemas/ErrorBody"}},
+        ),
+        404: {"model": ErrorBody, "description": "model_not_found: Ollama's registry has no such model"},
+        501: {"model": ErrorBody, "description": "not_supported: the backend in use cannot pull models."},
     },
     openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": PullRequest.model_json_schema()}}}
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PullRequest"}}},
+        }
     },
 )
 async def pull(request: Request, backend: BackendDep) -> Response:

@@ -10,11 +10,11 @@ import orjson
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from app.backends import Backend
-from app.core import Exchange, log_rejected, stream_generation
-from app.errors import InvalidRequest, MiniVaultError
-from app.interactions import JsonlWriter
+from app.auth import key_id_of
+from app.core import Exchange, GenerationService
+from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge
 from app.request_id import acceptable_request_id, client_of, new_request_id
+from app.responses import ws_error_frame
 from app.schemas import parse_generate_request
 
 router = APIRouter()
@@ -29,10 +29,11 @@ class _Session:
     def __init__(self, websocket: WebSocket) -> None:
         state = websocket.app.state
         self.websocket = websocket
-        self.backend: Backend = state.backend
-        self.log: JsonlWriter = state.interaction_log
+        self.service: GenerationService = state.service
         self.max_prompt_chars: int = state.settings.max_prompt_chars
+        self.max_bytes: int = state.settings.max_body_bytes
         self.client = client_of(websocket)
+        self.key_id = key_id_of(websocket)
         self.task: asyncio.Task[None] | None = None
         self.scope: anyio.CancelScope | None = None
 
@@ -46,7 +47,11 @@ class _Session:
                 message = await self.websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     return
-                await self.handle(message.get("text") or message.get("bytes") or b"")
+                raw = message.get("text") or message.get("bytes") or b""
+                if len(raw) > self.max_bytes:
+                    await self.refuse_oversized(len(raw))
+                    return
+                await self.handle(raw)
         finally:
             if self.task is not None and not self.task.done():
                 # The client left: stop the upstream at once; the exchange logs itself as cancelled.
@@ -85,7 +90,7 @@ class _Session:
         except InvalidRequest as exc:
             await self.reject(request_id, exc, payload)
             return
-        exchange = Exchange(request_id, "ws", self.client, request, self.backend)
+        exchange = self.service.exchange(request_id, "ws", self.client, self.key_id, request)
         self.scope = anyio.CancelScope()
         self.task = asyncio.create_task(self.generate(exchange, self.scope))
 
@@ -93,18 +98,37 @@ class _Session:
         try:
             await self.send({"type": "start", "id": exchange.id, "model": exchange.model})
             with scope:
-                async with aclosing(stream_generation(exchange, self.backend, self.log)) as chunks:
-                    async for text in chunks:
-                        await self.send({"type": "token", "content": text})
+                async with aclosing(self.service.stream(exchange)) as items:
+                    async for item in items:
+                        if type(item) is str:
+                            await self.send({"type": "token", "content": item})
+                        else:
+                            await self.send({"type": "queued", "position": item.position})  # type: ignore[union-attr]
             await self.send({"type": "done", **exchange.result()})
         except MiniVaultError as exc:
-            await self.send({"type": "error", **exc.to_dict(exchange.id)})
+            await self.send_error(exc, exchange.id)
         except (WebSocketDisconnect, OSError):
             logger.debug("websocket %s left during %s", self.client, exchange.id)
 
+    async def send_error(self, error: MiniVaultError, request_id: str) -> None:
+        """The error frame; an error that ends the connection (shutdown, too big) closes it with its code."""
+        if self.websocket.application_state is not WebSocketState.CONNECTED:
+            return
+        await self.websocket.send_text(ws_error_frame(error, request_id))
+        if error.ws_close is not None:
+            await self.websocket.close(error.ws_close, error.code)
+
+    async def refuse_oversized(self, size: int) -> None:
+        error = PayloadTooLarge(
+            f"the message is {size} bytes; the limit is {self.max_bytes} (MINIVAULT_MAX_BODY_BYTES)"
+        )
+        request_id = new_request_id()
+        self.service.reject(request_id, "ws", self.client, self.key_id, error)
+        await self.send_error(error, request_id)
+
     async def reject(self, request_id: str, error: InvalidRequest, payload: dict[str, Any] | None = None) -> None:
-        log_rejected(self.log, self.backend, request_id, "ws", self.client, error, prompt=(payload or {}).get("prompt"))
-        await self.send({"type": "error", **error.to_dict(request_id)})
+        self.service.reject(request_id, "ws", self.client, self.key_id, error, prompt=(payload or {}).get("prompt"))
+        await self.send_error(error, request_id)
 
 
 @router.websocket("/ws/generate")

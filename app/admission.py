@@ -1,0 +1,101 @@
+"""Admission control: at most N generations upstream at once, a bounded FIFO queue behind them."""
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable
+
+from app.errors import Busy
+
+
+class Ticket:
+    """A place in the queue; `changed` is set whenever the place moves or turns into a slot."""
+
+    __slots__ = ("admitted", "changed")
+
+    def __init__(self) -> None:
+        self.admitted = False
+        self.changed = asyncio.Event()
+
+
+class Admission:
+    """Hands out `limit` slots; up to `max_queue` callers wait for one in arrival order.
+
+    Not thread-safe: it lives on the event loop, like everything that calls it. A slot freed
+    while callers wait goes straight to the first of them, so nobody can overtake the queue.
+    `on_change(running, waiting)` is told every change (for the metrics gauges).
+    """
+
+    def __init__(self, limit: int, max_queue: int, on_change: Callable[[int, int], None] | None = None) -> None:
+        self.limit = limit
+        self.max_queue = max_queue
+        self.running = 0
+        self._waiting: deque[Ticket] = deque()
+        self._on_change = on_change
+        # Recent generation time, for an honest Retry-After.
+        self._mean_seconds = 1.0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def try_enter(self) -> bool:
+        """Take a slot at once if one is free and nobody waits; the fast path."""
+        if self.running < self.limit and not self._waiting:
+            self.running += 1
+            self._changed()
+            return True
+        return False
+
+    def enqueue(self) -> Ticket:
+        """Join the queue, or raise Busy (429) at once when it is full."""
+        if len(self._waiting) >= self.max_queue:
+            raise Busy(
+                f"MiniVault is busy: {self.running} generations are running and {len(self._waiting)} are queued "
+                f"(MINIVAULT_MAX_CONCURRENCY={self.limit}, MINIVAULT_MAX_QUEUE={self.max_queue}); "
+                f"retry after {self.retry_after()} s",
+                self.retry_after(),
+            )
+        ticket = Ticket()
+        self._waiting.append(ticket)
+        self._changed()
+        return ticket
+
+    def position(self, ticket: Ticket) -> int:
+        """1 for the head of the queue; 0 once admitted."""
+        return 0 if ticket.admitted else self._waiting.index(ticket) + 1
+
+    def leave(self, ticket: Ticket) -> None:
+        """Give up a place (the client left, or was cut off); a slot already handed over is passed on."""
+        if ticket.admitted:
+            self.release()
+            return
+        self._waiting.remove(ticket)
+        self._moved()
+        self._changed()
+
+    def release(self, seconds: float | None = None) -> None:
+        """Free a slot: the head of the queue gets it, else it goes back to the pool."""
+        if seconds is not None:
+            self._mean_seconds += (seconds - self._mean_seconds) * 0.1
+        if self._waiting:
+            ticket = self._waiting.popleft()
+            ticket.admitted = True
+            ticket.changed.set()
+            self._moved()
+        else:
+            self.running -= 1
+        self._changed()
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead, at the recent pace, at least 1."""
+        rounds = (len(self._waiting) + 1) / self.limit
+        return max(1, min(60, math.ceil(rounds * self._mean_seconds)))
+
+    def _moved(self) -> None:
+        for ticket in self._waiting:
+            ticket.changed.set()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.running, len(self._waiting))

@@ -1,0 +1,119 @@
+"""Prometheus metrics (prometheus_client): a consumer of finished exchanges plus live gauges.
+
+Each app gets its own registry, so several apps in one process (tests) never collide. When
+PROMETHEUS_MULTIPROC_DIR is set (several uvicorn workers), prometheus_client keeps every value
+in files there and `/metrics` adds up all workers' files, whichever worker answers.
+"""
+
+import os
+from pathlib import Path
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from app import errors
+from app.schemas import ExchangeRecord
+
+# Seconds; LLM answers span milliseconds (a cached short answer) to minutes.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_CANCELLED = "499"  # nginx's "client closed request"
+
+
+class Metrics:
+    """Owns the metric families; `consume` records each finished exchange."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self._multiprocess_dir = multiprocess_dir
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "minivault_requests", "Finished exchanges by endpoint (rest, sse, ws), HTTP status and model.",
+            ["endpoint", "status", "model"], registry=registry,
+        )  # fmt: skip
+        self.refused = Counter(
+            "minivault_refused_requests", "Requests refused before reaching a route, by error code.",
+            ["code"], registry=registry,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "minivault_in_flight", "Generations running upstream now.", registry=registry, multiprocess_mode="livesum"
+        )
+        self.queued = Gauge(
+            "minivault_queued", "Generations waiting for a slot now.", registry=registry, multiprocess_mode="livesum"
+        )
+        self.latency = Histogram(
+            "minivault_upstream_latency_seconds", "Time from admission to the end of the answer.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "minivault_time_to_first_token_seconds", "Time from the request to the first token.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "minivault_tokens_generated", "Tokens the upstream reported generating.", ["model"], registry=registry
+        )
+        self.log_lines = Counter(
+            "minivault_log_lines", "Interaction log lines written, and lines whose write failed (retried).",
+            ["result"], registry=registry,
+        )  # fmt: skip
+        self._written = self.log_lines.labels("written")
+        self._failed = self.log_lines.labels("failed")
+
+    def consume(self, record: ExchangeRecord) -> None:
+        """Count one finished exchange."""
+        model = record.model or ""
+        if record.status == "ok":
+            status = "200"
+        elif record.status == "cancelled":
+            status = _CANCELLED
+        else:
+            status = _STATUS_OF.get(record.error.code if record.error else "", "500")
+        self.requests.labels(record.endpoint, status, model).inc()
+        if record.status == "ok" and record.latency_ms is not None:
+            self.latency.labels(model).observe((record.latency_ms - (record.queue_ms or 0)) / 1000)
+        if record.ttft_ms is not None:
+            self.ttft.labels(model).observe(record.ttft_ms / 1000)
+        if record.completion_tokens:
+            self.tokens.labels(model).inc(record.completion_tokens)
+
+    def set_load(self, running: int, waiting: int) -> None:
+        """Admission's live counts (its on_change hook)."""
+        self.in_flight.set(running)
+        self.queued.set(waiting)
+
+    def count_refused(self, code: str) -> None:
+        self.refused.labels(code).inc()
+
+    def count_log_batch(self, written: int, failed: int) -> None:
+        """The log writer's on_batch hook; runs in the writer thread (prometheus_client is thread-safe)."""
+        if written:
+            self._written.inc(written)
+        if failed:
+            self._failed.inc(failed)
+
+    def render(self) -> bytes:
+        """The text exposition format; reads files in multiprocess mode, so call it off the event loop."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(self._multiprocess_dir))
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """A worker that exits takes its live gauges with it."""
+        if self._multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), str(self._multiprocess_dir))
+
+
+_STATUS_OF = {
+    error.code: str(error.status)
+    for error in vars(errors).values()
+    if isinstance(error, type) and issubclass(error, errors.MiniVaultError)
+}

@@ -1,0 +1,22 @@
+"""GET /metrics: Prometheus' text format, behind the API key like every route but /health and /ready."""
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.metrics import Metrics
+
+router = APIRouter()
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {}}}},
+)
+async def metrics(request: Request) -> Response:
+    """Request counts, in-flight and queued gauges, latency and time-to-first-token histograms, tokens, log lines."""
+    registry: Metrics = request.app.state.metrics
+    body = await asyncio.to_thread(registry.render)
+    return Response(body, media_type=registry.content_type)
