@@ -116,20 +116,34 @@ def production_flags() -> list[str]:
     raise RuntimeError("the Dockerfile has no CMD line")
 
 
-def start_minivault(workdir: Path, upstream: str, *, workers: int = 1, name: str = "minivault") -> Served:
-    """MiniVault as the Dockerfile's CMD runs it, bound to loopback."""
+# The shipped defaults admit 4 generations at once (one Ollama's worth); the benchmark's fake takes
+# hundreds, and its websocket and throughput figures measure MiniVault, not the queue.
+WIDE_LIMITS = {"MINIVAULT_MAX_CONCURRENCY": "1024", "MINIVAULT_MAX_QUEUE": "1024"}
+
+
+def start_minivault(
+    workdir: Path,
+    upstream: str,
+    *,
+    workers: int = 1,
+    name: str = "minivault",
+    env: dict[str, str] | None = None,
+    code: Path = ROOT,
+) -> Served:
+    """MiniVault as the Dockerfile's CMD runs it, bound to loopback; `code` may be another version's tree."""
     port = free_port()
     log = workdir / f"{name}.out"
     interactions = workdir / f"{name}.jsonl"
     interactions.unlink(missing_ok=True)
-    env = {**os.environ, "MINIVAULT_BACKEND": "ollama", "OLLAMA_BASE_URL": upstream,
-           "OLLAMA_MODEL": "bench:latest", "MINIVAULT_LOG_PATH": str(interactions)}  # fmt: skip
+    environment = {**os.environ, "MINIVAULT_BACKEND": "ollama", "OLLAMA_BASE_URL": upstream,
+                   "OLLAMA_MODEL": "bench:latest", "MINIVAULT_LOG_PATH": str(interactions),
+                   **WIDE_LIMITS, **(env or {})}  # fmt: skip
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
                *production_flags()]  # fmt: skip
     if workers > 1:
         command += ["--workers", str(workers)]
     with log.open("wb") as output:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=code, env=environment, stdout=output, stderr=subprocess.STDOUT)
     wait_for_port(port, process)
     served = Served(process, port, log, {"interactions": str(interactions)})
     if workers > 1:

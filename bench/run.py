@@ -21,7 +21,7 @@ from typing import Any
 
 import uvloop
 
-from bench import clients, streams
+from bench import clients, gateway, streams
 from bench.procs import ROOT, Served, start_fake, start_minivault
 from bench.wrk import run_wrk
 
@@ -128,6 +128,8 @@ def run(plan: Plan) -> dict[str, Any]:
         finally:
             minivault.stop()
         results["one_worker_log"] = check_log(Path(minivault.extra["interactions"]))
+        say("gateway features on (key, limits, metrics) vs off vs the version before them")
+        results |= gateway.measure(fake, workdir, rounds, seconds, GENERATE_BODY, FAKE_BODY)
         say("upstream HTTP clients alone")
         results |= clients.run(fake.url, plan.client_requests)
         say("two workers")
@@ -198,6 +200,7 @@ def table(r: dict[str, Any]) -> str:
          f"{r['workers2_c16_rps'] / r['c16_rps']:.2f}× one worker", "", None),
         ("2 workers: requests/s, concurrency 64", f"{r['workers2_c64_rps']:,.0f}",
          f"{r['workers2_c64_rps'] / r['c64_rps']:.2f}× one worker", "", None),
+        *gateway_rows(r),
         ("2 workers: log lines, all valid and unique", f"{r['two_worker_log']['log_lines']:,}",
          f"{r['two_worker_log']['log_bad_lines']} bad, {r['two_worker_log']['log_unique_ids']:,} unique ids", "",
          r["two_worker_log"]["log_bad_lines"] == 0
@@ -207,6 +210,27 @@ def table(r: dict[str, Any]) -> str:
     for name, value, baseline, target, ok in rows:
         lines.append(f"| {name} | {value} | {baseline} | {target} | {'' if ok is None else verdict(ok)} |")
     return "\n".join(lines)
+
+
+def gateway_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """Features on vs off (and vs the version before them): the bounds the gateway issue sets."""
+    on_latency, off_latency = r["gw_on_added_p50_ms"], r["gw_off_added_p50_ms"]
+    baseline = ""
+    if r.get("gw_baseline_rev"):
+        baseline = (f"; {r['gw_baseline_rev']} (before the features) {r['gw_baseline_added_p50_ms']:.2f} ms, "
+                    f"{on_latency / r['gw_baseline_added_p50_ms']:.2f}×")  # fmt: skip
+    cpu_baseline = ""
+    if r.get("gw_baseline_rev"):
+        cpu_baseline = (f"; {r['gw_baseline_rev']} {r['gw_baseline_c16_cpu_ms']:.2f} ms, "
+                        f"{r['gw_on_c16_cpu_ms'] / r['gw_baseline_c16_cpu_ms']:.2f}×")  # fmt: skip
+    return [
+        ("Gateway features on: added latency, concurrency 1, median", f"{on_latency:.2f} ms",
+         f"features off {off_latency:.2f} ms, {on_latency / off_latency:.2f}×{baseline}", "≤ 1.10× off",
+         on_latency <= off_latency * 1.10),
+        ("Gateway features on: CPU per request, concurrency 16", f"{r['gw_on_c16_cpu_ms']:.2f} ms",
+         f"features off {r['gw_off_c16_cpu_ms']:.2f} ms, {r['gw_on_c16_cpu_ms'] / r['gw_off_c16_cpu_ms']:.2f}×"
+         f"{cpu_baseline}", "≤ 1.0 ms", r["gw_on_c16_cpu_ms"] <= 1.0),
+    ]  # fmt: skip
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ _SCRIPT = """
 wrk.method = "POST"
 wrk.body = %s
 wrk.headers["Content-Type"] = "application/json"
+%s
 function done(summary, latency, requests)
   io.write(string.format('{"requests": %%d, "errors": %%d, "duration_us": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
     summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write
@@ -40,9 +41,11 @@ def wrk_binary() -> str:
     return binary
 
 
-def run_wrk(url: str, body: str, connections: int, seconds: float) -> WrkResult:
+def run_wrk(url: str, body: str, connections: int, seconds: float, headers: dict[str, str] | None = None) -> WrkResult:
+    pairs = (headers or {}).items()
+    extra = "\n".join(f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}" for name, value in pairs)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_SCRIPT % json.dumps(body))
+        script.write(_SCRIPT % (json.dumps(body), extra))
     try:
         result = subprocess.run(
             [wrk_binary(), "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s", "-s", script.name, url],

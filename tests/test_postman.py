@@ -12,10 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
 
 
-def run_newman(base_url: str, report: Path) -> tuple[int, dict]:
+def run_newman(base_url: str, report: Path, api_key: str = "") -> tuple[int, dict]:
     assert NEWMAN.exists(), "newman is missing: `npm ci` (make test does it)"
     result = subprocess.run(
         [str(NEWMAN), "run", "postman_collection.json", "--env-var", f"baseUrl={base_url}",
+         "--env-var", f"apiKey={api_key}",
          "--reporters", "cli,json", "--reporter-json-export", str(report), "--timeout-request", "30000"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -27,11 +28,30 @@ def test_collection_passes_against_a_live_minivault(minivault: RunningServer, tm
 
     assert run["failures"] == []
     assert code == 0
-    assert run["stats"]["requests"] == {"total": 12, "pending": 0, "failed": 0}
-    assert run["stats"]["assertions"]["total"] >= 40
+    assert run["stats"]["requests"] == {"total": 14, "pending": 0, "failed": 0}
+    assert run["stats"]["assertions"]["total"] >= 43
     names = {execution["item"]["name"] for execution in run["executions"]}
-    assert {"Generate (JSON)", "Generate (stream: Server-Sent Events)", "Health", "Ready", "Models",
-            "Pull a model (Ollama backend)", "Blank prompt", "Unknown model", "Bad JSON"} <= names  # fmt: skip
+    assert {"Generate (JSON)", "Generate (stream: Server-Sent Events)", "Health", "Ready", "Models", "Metrics",
+            "Pull a model (Ollama backend)", "Blank prompt", "Unknown model", "Bad JSON", "No API key"} <= names  # fmt: skip
+
+
+def test_collection_passes_against_a_minivault_with_api_keys(
+    fake_server: RunningServer, log_path: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(ollama_base_url=fake_server.url, log_path=log_path, api_keys="postman-key")
+    with serve_in_thread(create_app(settings)) as server:
+        code, run = run_newman(server.url, tmp_path / "report.json", api_key="postman-key")
+
+    assert run["failures"] == []
+    assert code == 0
+    assertions = {
+        assertion["assertion"]
+        for execution in run["executions"]
+        if execution["item"]["name"] == "No API key"
+        for assertion in execution.get("assertions", [])
+    }
+    assert assertions == {"status is 401", "code is unauthorized, message names the headers",
+                          "WWW-Authenticate says Bearer"}  # fmt: skip
 
 
 def test_collection_fails_when_the_backend_is_down(log_path: Path, tmp_path: Path) -> None:
