@@ -6,6 +6,7 @@ request (the request-id middleware puts it in a context variable).
 """
 
 import logging
+import re
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -14,6 +15,19 @@ import orjson
 request_id_var: ContextVar[str | None] = ContextVar("minivault_request_id", default=None)
 
 _LOGGERS = ("app", "uvicorn", "uvicorn.error", "uvicorn.access")
+_API_KEY_PARAM = re.compile(r"(api_key=)[^&\s\"']*")
+
+
+class RedactApiKeys(logging.Filter):
+    """uvicorn logs websocket paths with their query string, which may carry `?api_key=`: blank it out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(
+                _API_KEY_PARAM.sub(r"\1***", arg) if isinstance(arg, str) and "api_key=" in arg else arg
+                for arg in record.args
+            )
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,6 +50,10 @@ def configure_server_log(log_format: str) -> None:
     """Send MiniVault's loggers (and uvicorn's, in JSON mode) to stderr in the chosen format."""
     app_logger = logging.getLogger("app")
     app_logger.setLevel(logging.INFO)
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactApiKeys) for f in logger.filters):
+            logger.addFilter(RedactApiKeys())
     if log_format == "json":
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
