@@ -7,6 +7,7 @@ in files there and `/metrics` adds up all workers' files, whichever worker answe
 
 import os
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,6 +25,8 @@ from app.schemas import ExchangeRecord
 # Seconds; LLM answers span milliseconds (a cached short answer) to minutes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _CANCELLED = "499"  # nginx's "client closed request"
+_OTHER = "other"
+_MAX_MODELS = 100
 
 
 class Metrics:
@@ -63,25 +66,49 @@ class Metrics:
             "minivault_log_lines", "Interaction log lines written, and lines whose write failed (retried).",
             ["result"], registry=registry,
         )  # fmt: skip
+        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._model_children: dict[str, tuple[Any, Any, Any]] = {}
         self._written = self.log_lines.labels("written")
         self._failed = self.log_lines.labels("failed")
 
     def consume(self, record: ExchangeRecord) -> None:
         """Count one finished exchange."""
-        model = record.model or ""
+        model = self._model_label(record)
         if record.status == "ok":
             status = "200"
         elif record.status == "cancelled":
             status = _CANCELLED
         else:
             status = _STATUS_OF.get(record.error.code if record.error else "", "500")
-        self.requests.labels(record.endpoint, status, model).inc()
+        key = (record.endpoint, status, model)
+        counter = self._request_children.get(key)
+        if counter is None:  # labels() costs a lock and a lookup: keep the children of the few label sets seen
+            counter = self._request_children[key] = self.requests.labels(*key)
+        counter.inc()
+        per_model = self._model_children.get(model)
+        if per_model is None:
+            per_model = self._model_children[model] = (
+                self.latency.labels(model),
+                self.ttft.labels(model),
+                self.tokens.labels(model),
+            )
+        latency, ttft, tokens = per_model
         if record.status == "ok" and record.latency_ms is not None:
-            self.latency.labels(model).observe((record.latency_ms - (record.queue_ms or 0)) / 1000)
+            latency.observe((record.latency_ms - (record.queue_ms or 0)) / 1000)
         if record.ttft_ms is not None:
-            self.ttft.labels(model).observe(record.ttft_ms / 1000)
+            ttft.observe(record.ttft_ms / 1000)
         if record.completion_tokens:
-            self.tokens.labels(model).inc(record.completion_tokens)
+            tokens.inc(record.completion_tokens)
+
+    def _model_label(self, record: ExchangeRecord) -> str:
+        # Model names come from clients: only names that served an answer become label values (at
+        # most _MAX_MODELS), so random names cannot grow the series without bound.
+        model = record.model or ""
+        if model in self._model_children:
+            return model
+        if record.status != "ok" or len(self._model_children) >= _MAX_MODELS:
+            return _OTHER
+        return model
 
     def set_load(self, running: int, waiting: int) -> None:
         """Admission's live counts (its on_change hook)."""
