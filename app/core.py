@@ -131,8 +131,9 @@ class _Guard:
 
     It cancels the exchange's task only while that task waits inside the service (for the
     upstream, or in the queue); while the consumer is busy with a token, it leaves a note that
-    the stream raises on its next step. One timer per exchange, re-armed only when it fires early,
-    so the per-token cost is two attribute writes.
+    the stream raises on its next step. One timer per exchange, re-armed when it fires early and
+    once at the first token (the idle bound may be the shorter), so the per-token cost is two
+    attribute writes.
     """
 
     __slots__ = ("loop", "timeouts", "task", "inside", "error", "cancelled", "started", "last", "handle")
@@ -151,6 +152,12 @@ class _Guard:
     def start(self) -> None:
         """The upstream call begins: from now on the first-token, idle and total bounds apply."""
         self.started = self.loop.time()
+        self._schedule()
+
+    def first_token(self) -> None:
+        """The first token came: the idle bound may end sooner than the first-token one the timer waits for."""
+        if self.handle is not None:
+            self.handle.cancel()
         self._schedule()
 
     def _deadline(self) -> tuple[float, str]:
@@ -284,6 +291,7 @@ class GenerationService:
                     guard.last = loop.time()
                     if not parts:
                         exchange.ttft_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
+                        guard.first_token()
                     parts.append(text)
                     yield text
                     if guard.error is not None:
@@ -311,6 +319,7 @@ class GenerationService:
             self._guards.discard(guard)
             if ticket is not None:
                 admission.leave(ticket)
+                exchange.queue_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
             elif admitted:
                 admission.release(loop.time() - guard.started if guard.started else None)
             self.finish(exchange)

@@ -15,6 +15,8 @@ The model name picks the behaviour, so one server serves every test:
   "stall-headers:latest" 200 headers, then silence until the client gives up (first-token timeout)
   "drip:latest"          200 tokens `d{i} `, 50 ms apart (total-timeout while tokens keep flowing)
   anything else          404, as Ollama answers for a model that is not pulled
+A generate request with no "prompt" is a load request, as in Ollama: it answers one JSON object
+with `done_reason: "load"` once the test releases `fake.loaded` (released by default), counted in `loads`.
 `/api/pull` streams progress for any name (and adds it to `models`), except names starting
 "no-such", which end in the registry's "file does not exist" error line.
 Like Ollama, it stops generating only when it notices its client has gone, by watching
@@ -51,6 +53,10 @@ class FakeOllama:
         self.finished = 0
         self.disconnects = 0
         self.busy = 0
+        self.loads = 0
+        # Cleared by a test to hold load requests (model warm-up) until it sets it again.
+        self.loaded = threading.Event()
+        self.loaded.set()
         self._changed = threading.Condition()
 
     @property
@@ -63,7 +69,8 @@ class FakeOllama:
             if not self._changed.wait_for(lambda: predicate(self), timeout=timeout):
                 raise AssertionError(
                     f"fake Ollama never reached the expected state (started={self.started}, "
-                    f"finished={self.finished}, disconnects={self.disconnects}, busy={self.busy})"
+                    f"finished={self.finished}, disconnects={self.disconnects}, busy={self.busy}, "
+                    f"loads={self.loads})"
                 )
 
     def _count(self, field: str) -> None:
@@ -99,6 +106,9 @@ class FakeOllama:
         if model not in self.models:
             await _json(send, 404, {"error": f"model '{model}' not found, try pulling it first"})
             return
+        if "prompt" not in payload:
+            await self._load(model, receive, send)
+            return
         if model == "fail-500:latest":
             await _json(send, 500, {"error": "llama runner process has terminated: signal: killed"})
             return
@@ -121,6 +131,30 @@ class FakeOllama:
         finally:
             watcher.cancel()
         self._count("finished" if finished else "disconnects")
+
+    async def _load(self, model: str, receive: Receive, send: Send) -> None:
+        """Ollama loads a model for a generate request without a prompt; `loaded` holds the answer back."""
+        self._count("loads")
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            # A threading.Event, set from the test's thread: looked at between short waits for the client leaving.
+            while not self.loaded.is_set():
+                try:
+                    await asyncio.wait_for(gone.wait(), 0.01)
+                except TimeoutError:
+                    continue
+                return
+        finally:
+            watcher.cancel()
+        await _json(send, 200, {"model": model, "created_at": _now(), "response": "", "done": True,
+                                "done_reason": "load"})  # fmt: skip
 
     async def _pull(self, payload: dict[str, Any], send: Send) -> None:
         """Ollama's pull progress: a manifest, two layers downloading in steps, then success."""
