@@ -315,7 +315,10 @@ def search(
     with path.open("rb") as file:
         for line in file:
             record = _parse(line)
-            if record is not None and needle in _searchable(record):
+            if record is None:
+                if line.strip():
+                    _warn_skipped(line)
+            elif needle in _searchable(record):
                 matches.append(line)
     if not matches:
         _fail(f"no exchange mentions {text!r}")
@@ -337,10 +340,16 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def _warn_skipped(line: bytes) -> None:
+    """A torn line (a killed writer) or a foreign one: say so on stderr and go on."""
+    shown = line.rstrip(b"\r\n")[:80]
+    typer.echo(f"minivault: skipping a line that is not JSON: {shown!r}", err=True)
+
+
 def _print_record(line: bytes, as_json: bool) -> None:
     record = _parse(line)
     if record is None:
-        typer.echo(f"minivault: skipping a line that is not JSON: {line[:80]!r}", err=True)
+        _warn_skipped(line)
         return
     if as_json:
         typer.echo(json.dumps(record, ensure_ascii=False))

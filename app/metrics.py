@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
+    CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -32,7 +32,8 @@ _MAX_MODELS = 100
 class Metrics:
     """Owns the metric families; `consume` records each finished exchange."""
 
-    content_type = CONTENT_TYPE_LATEST
+    # The format generate_latest writes; prometheus_client 0.26's CONTENT_TYPE_LATEST says version=1.0.0.
+    content_type = CONTENT_TYPE_PLAIN_0_0_4
 
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
         self._multiprocess_dir = multiprocess_dir

@@ -6,27 +6,24 @@ request (the request-id middleware puts it in a context variable).
 """
 
 import logging
-import re
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
 request_id_var: ContextVar[str | None] = ContextVar("minivault_request_id", default=None)
 
 _LOGGERS = ("app", "uvicorn", "uvicorn.error", "uvicorn.access")
-_API_KEY_PARAM = re.compile(r"(api_key=)[^&\s\"']*")
 
 
 class RedactApiKeys(logging.Filter):
-    """uvicorn logs websocket paths with their query string, which may carry `?api_key=`: blank it out."""
+    """uvicorn logs paths with their query string, which may carry `?api_key=` (however the name is
+    percent-encoded): the value is replaced by `***`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.args and isinstance(record.args, tuple):
-            record.args = tuple(
-                _API_KEY_PARAM.sub(r"\1***", arg) if isinstance(arg, str) and "api_key=" in arg else arg
-                for arg in record.args
-            )
+            record.args = tuple(_redact(arg) if isinstance(arg, str) and "?" in arg else arg for arg in record.args)
         return True
 
 
@@ -46,6 +43,15 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line).decode()
 
 
+def _redact(target: str) -> str:
+    path, _, query = target.partition("?")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not any(name == "api_key" for name, _ in pairs):
+        return target
+    masked = [(name, "***" if name == "api_key" else value) for name, value in pairs]
+    return f"{path}?{urlencode(masked, safe='*')}"
+
+
 def configure_server_log(log_format: str) -> None:
     """Send MiniVault's loggers (and uvicorn's, in JSON mode) to stderr in the chosen format."""
     app_logger = logging.getLogger("app")
@@ -63,6 +69,7 @@ def configure_server_log(log_format: str) -> None:
             # uvicorn's own loggers do not propagate; ours must not print twice through the root.
             logger.propagate = False
         return
+    app_logger.propagate = True
     if not any(getattr(h, "minivault", False) for h in app_logger.handlers):
         # uvicorn configures only its own loggers; without this, MiniVault's INFO lines would be lost.
         handler = logging.StreamHandler()
