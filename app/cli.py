@@ -62,6 +62,10 @@ logs_cli = typer.Typer(help="Read the interaction log (logs/log.jsonl): the last
 cli.add_typer(logs_cli, name="logs")
 
 Url = Annotated[str, typer.Option("--url", envvar="MINIVAULT_URL", help="Where MiniVault listens.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="MINIVAULT_API_KEY", help="A key from the server's MINIVAULT_API_KEYS."),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 LogPath = Annotated[
     Path, typer.Option("--path", envvar="MINIVAULT_LOG_PATH", help="The interaction log file.", dir_okay=False)
@@ -74,10 +78,12 @@ def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 
 @contextmanager
-def _client(url: str, read_timeout: float | None = 300.0) -> Iterator[httpx.Client]:
+def _client(url: str, api_key: str | None, read_timeout: float | None = 300.0) -> Iterator[httpx.Client]:
     """An httpx client for MiniVault whose transport failures end the program with exit code 3 or 1."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    timeout = httpx.Timeout(10.0, read=read_timeout)
     try:
-        with httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, read=read_timeout)) as client:
+        with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
             yield client
     except httpx.ConnectError:
         _fail(
@@ -94,6 +100,8 @@ def _client(url: str, read_timeout: float | None = 300.0) -> Iterator[httpx.Clie
 def _error_message(body: Any, status: int) -> str:
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and "message" in error:
+        if error.get("code") == "unauthorized":
+            return f"unauthorized: {error['message']}; pass it with --api-key or MINIVAULT_API_KEY"
         return f"{error.get('code', 'error')}: {error['message']}"
     return f"MiniVault answered HTTP {status}"
 
@@ -108,8 +116,8 @@ def _json_or_fail(response: httpx.Response) -> Any:
     return body
 
 
-def _get(url: str, path: str) -> Any:
-    with _client(url, read_timeout=30) as client:
+def _get(url: str, api_key: str | None, path: str) -> Any:
+    with _client(url, api_key, read_timeout=30) as client:
         return _json_or_fail(client.get(path))
 
 
@@ -136,6 +144,7 @@ def _print_json(value: Any) -> None:
 def generate(
     prompt: Annotated[str, typer.Argument(help='The prompt; "-" reads it from stdin.')],
     url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model name; default: the server's.")] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     option: Annotated[
@@ -158,7 +167,7 @@ def generate(
         body["options"] = _parse_options(option)
     if stream is None:
         stream = sys.stdout.isatty() and not as_json
-    with _client(url) as client:
+    with _client(url, api_key) as client:
         if stream:
             done = _stream_answer(client, body)
             if as_json:
@@ -202,9 +211,9 @@ def serve(
 
 
 @cli.command()
-def health(url: Url = DEFAULT_URL, as_json: AsJson = False) -> None:
+def health(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
     """Show whether MiniVault, its backend and its log are working."""
-    body = _get(url, "/health")
+    body = _get(url, api_key, "/health")
     if as_json:
         _print_json(body)
         return
@@ -218,9 +227,9 @@ def health(url: Url = DEFAULT_URL, as_json: AsJson = False) -> None:
 
 
 @cli.command()
-def models(url: Url = DEFAULT_URL, as_json: AsJson = False) -> None:
+def models(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
     """List the models the backend has."""
-    body = _get(url, "/models")
+    body = _get(url, api_key, "/models")
     if as_json:
         _print_json(body)
         return
@@ -243,12 +252,13 @@ def _size(size: int | None) -> str:
 def pull(
     model: Annotated[str, typer.Argument(help="The model to download, e.g. tinyllama:1.1b-chat.")],
     url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Download a model into Ollama, with a progress bar per layer."""
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TaskProgressColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())  # fmt: skip
     outcome: dict[str, Any] | None = None
-    with _client(url, read_timeout=600) as client, Progress(*columns, console=Console()) as progress:
+    with _client(url, api_key, read_timeout=600) as client, Progress(*columns, console=Console()) as progress:
         layers: dict[str, TaskID] = {}
         with connect_sse(client, "POST", "/models/pull", json={"model": model}) as source:
             if not source.response.is_success:

@@ -14,9 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
-from tests.conftest import closed_port_url
+from app.main import create_app
+from tests.conftest import closed_port_url, make_settings
 from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer
+from tests.servers import RunningServer, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -139,6 +140,22 @@ def test_unreachable_minivault_exits_3_saying_how_to_start_it() -> None:
         f"minivault: cannot reach MiniVault at {url}: start it with `make run` (or `python app/cli.py serve`), "
         "or point --url / MINIVAULT_URL at it\n"
     )
+
+
+def test_api_key_comes_from_the_option_or_the_environment(fake_server: RunningServer, log_path: Path) -> None:
+    settings = make_settings(ollama_base_url=fake_server.url, log_path=log_path, api_keys="cli-key")
+    with serve_in_thread(create_app(settings)) as server:
+        without = runner.invoke(cli, ["--no-stream", "--url", server.url, "hello there"])
+        by_option = runner.invoke(cli, ["--no-stream", "--url", server.url, "--api-key", "cli-key", "hello there"])
+        by_env = runner.invoke(cli, ["models", "--url", server.url], env={"MINIVAULT_API_KEY": "cli-key"})
+        stream = runner.invoke(cli, ["--stream", "--url", server.url, "hi"], env={"MINIVAULT_API_KEY": "cli-key"})
+
+    assert without.exit_code == 1
+    assert without.stderr.startswith("minivault: unauthorized: an API key is required")
+    assert "--api-key or MINIVAULT_API_KEY" in without.stderr
+    assert (by_option.exit_code, by_option.stdout) == (0, "hello there\n")
+    assert by_env.exit_code == 0 and "tinyllama:1.1b-chat" in by_env.stdout
+    assert (stream.exit_code, stream.stdout) == (0, "hi\n")
 
 
 def test_health_and_models(minivault: RunningServer) -> None:
