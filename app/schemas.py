@@ -58,7 +58,17 @@ class Options(BaseModel):
 class GenerateRequest(BaseModel):
     """The body of `POST /generate` and of each prompt frame on `/ws/generate`."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {"prompt": "Explain gravity in one sentence."},
+                {"prompt": "Why is the sky blue?", "system": "Answer briefly.",
+                 "options": {"temperature": 0.2, "num_predict": 64}, "stream": True},
+            ]
+        },
+    )  # fmt: skip
 
     prompt: str = Field(description="The text to complete; not blank.", json_schema_extra={"pattern": NOT_BLANK})
     model: str | None = Field(None, min_length=1, description="Defaults to OLLAMA_MODEL.")
@@ -115,7 +125,7 @@ class ErrorBody(BaseModel):
 class PullRequest(BaseModel):
     """The body of `POST /models/pull`."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{"model": "qwen2:0.5b"}]})
 
     model: str = Field(min_length=1, description="The model to download, e.g. tinyllama:1.1b-chat.")
 
@@ -202,7 +212,8 @@ def describe_validation_errors(exc: ValidationError, example: str = '{"prompt": 
         if kind == "json_invalid":
             reason = error.get("ctx", {}).get("error", "invalid JSON")
             phrases.append(f"the body is not valid JSON ({reason}): send an object like {example}")
-        elif kind == "model_type" or (kind == "model_attributes_type" and not field):
+        elif kind in ("model_type", "model_attributes_type") and not field:
+            # Only the body itself: a nested object of the wrong type (`options: "hot"`) is named below.
             phrases.append(f"the body must be a JSON object like {example}")
         elif kind == "extra_forbidden":
             phrases.append(f"{field}: unknown field; remove it")
