@@ -203,10 +203,14 @@ def parse_generate_request(raw: bytes | str | dict[str, Any], max_prompt_chars: 
     return request
 
 
+_MAX_PHRASES = 20
+
+
 def describe_validation_errors(exc: ValidationError, example: str = '{"prompt": "Hello"}') -> str:
-    """Pydantic's errors as `field: why` phrases a person can act on."""
+    """Pydantic's errors as `field: why` phrases a person can act on (the first 20, then a count)."""
     phrases = []
-    for error in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for error in errors[:_MAX_PHRASES]:
         kind = error["type"]
         field = ".".join(str(part) for part in error["loc"])
         if kind == "json_invalid":
@@ -221,4 +225,7 @@ def describe_validation_errors(exc: ValidationError, example: str = '{"prompt": 
             phrases.append(f"{field}: is required")
         else:
             phrases.append(f"{field}: {error['msg'].removeprefix('Value error, ')}")
+    if len(errors) > _MAX_PHRASES:
+        # A body with thousands of bad fields would otherwise get (and log) an answer larger than itself.
+        phrases.append(f"and {len(errors) - _MAX_PHRASES} more problems")
     return "; ".join(phrases)

@@ -32,7 +32,8 @@ def test_collection_passes_against_a_live_minivault(minivault: RunningServer, tm
     assert run["stats"]["assertions"]["total"] >= 43
     names = {execution["item"]["name"] for execution in run["executions"]}
     assert {"Generate (JSON)", "Generate (stream: Server-Sent Events)", "Health", "Ready", "Models", "Metrics",
-            "Pull a model (Ollama backend)", "Blank prompt", "Unknown model", "Bad JSON", "No API key"} <= names  # fmt: skip
+            "Pull a model (Ollama backend)", "Blank prompt", "Unknown model", "Bad JSON",
+            "No API key"} <= names  # fmt: skip
 
 
 def test_collection_passes_against_a_minivault_with_api_keys(

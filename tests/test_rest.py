@@ -165,7 +165,9 @@ def test_stopped_ollama_is_503_naming_the_url(log_path: Path) -> None:
     assert read_log(log_path)[0]["error"]["code"] == "backend_unavailable"
 
 
-def test_older_read_timeout_setting_still_bounds_a_hanging_ollama(fake_server: RunningServer, fake: FakeOllama, log_path: Path) -> None:
+def test_older_read_timeout_setting_still_bounds_a_hanging_ollama(
+    fake_server: RunningServer, fake: FakeOllama, log_path: Path
+) -> None:
     settings = make_settings(ollama_base_url=fake_server.url, log_path=log_path, read_timeout=0.3)
     with serve_in_thread(create_app(settings)) as server:
         response = httpx.post(f"{server.url}/generate", json={"prompt": "hi", "model": "hang"})

@@ -48,8 +48,10 @@ class _Session:
                 if message["type"] == "websocket.disconnect":
                     return
                 raw = message.get("text") or message.get("bytes") or b""
-                if len(raw) > self.max_bytes:
-                    await self.refuse_oversized(len(raw))
+                # The limit is in bytes; a text frame's UTF-8 is at most 4 bytes a character, so most need no encoding.
+                size = len(raw) if type(raw) is bytes or len(raw) * 4 <= self.max_bytes else len(raw.encode())
+                if size > self.max_bytes:
+                    await self.refuse_oversized(size)
                     return
                 await self.handle(raw)
         finally:
@@ -78,8 +80,9 @@ class _Session:
                 self.scope.cancel()
             return
         if kind != "generate":
+            shown = orjson.dumps(kind).decode()
             await self.reject(
-                request_id, InvalidRequest(f'type: unknown frame type {kind!r}; use "generate" or "cancel"'), payload
+                request_id, InvalidRequest(f'type: unknown frame type {shown}; use "generate" or "cancel"'), payload
             )
             return
         if self.task is not None and not self.task.done():
