@@ -8,6 +8,7 @@ per package, then the hottest frames. Needs py-spy (requirements-dev.txt) and pt
 import asyncio
 import collections
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,11 @@ async def _drive(workload: str, minivault: Served, until: float) -> None:
         else:
             await client.first_token("/generate", {"prompt": streams.prompt(2, 0), "stream": True}, b"event: token")
     await client.close()
+
+
+def _py_spy() -> str:
+    """py-spy from PATH, or the one installed beside this Python (make bench does not activate the venv)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 
 
 def summarize(raw: Path) -> str:
@@ -70,7 +76,7 @@ def main() -> None:
         raw = workdir / "raw.txt"
         try:
             sampler = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(minivault.process.pid), "--duration", str(SECONDS), "--rate", "1000",
+                [_py_spy(), "record", "--pid", str(minivault.process.pid), "--duration", str(SECONDS), "--rate", "1000",
                  "--format", "raw", "--output", str(raw), "--nonblocking"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
