@@ -96,6 +96,7 @@ class Usage(BaseModel):
 class Timings(BaseModel):
     total_ms: float
     ttft_ms: float | None
+    queue_ms: float | None = Field(None, description="Time spent waiting for a slot; null when admitted at once.")
 
 
 class GenerateResponse(BaseModel):

@@ -118,14 +118,7 @@ class FakeOllama:
             self._count("busy")
             return
         self._count("started")
-        gone = asyncio.Event()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-
-        watcher = asyncio.create_task(watch())
+        gone, watcher = _watch_for_disconnect(receive)
         try:
             finished = await self._stream(payload, model, send, gone)
         finally:
@@ -135,14 +128,7 @@ class FakeOllama:
     async def _load(self, model: str, receive: Receive, send: Send) -> None:
         """Ollama loads a model for a generate request without a prompt; `loaded` holds the answer back."""
         self._count("loads")
-        gone = asyncio.Event()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-
-        watcher = asyncio.create_task(watch())
+        gone, watcher = _watch_for_disconnect(receive)
         try:
             # A threading.Event, set from the test's thread: looked at between short waits for the client leaving.
             while not self.loaded.is_set():
@@ -243,6 +229,18 @@ class FakeOllama:
         pieces = [line[i : i + 3] for i in range(0, len(line), 3)] if model == "split:latest" else [line]
         for piece in pieces:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
+
+
+def _watch_for_disconnect(receive: Receive) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    """An event set when the client leaves (like Ollama, the fake only notices by reading), and its task."""
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    return gone, asyncio.create_task(watch())
 
 
 def _now() -> str:
