@@ -195,6 +195,36 @@ class Settings(BaseSettings):
         validation_alias="MINIVAULT_LOG_FORMAT",
         description="The server's own output: text, or one JSON object per line.",
     )
+    db_path: Path = Field(
+        Path("logs/minivault.db"),
+        validation_alias="MINIVAULT_DB_PATH",
+        description="SQLite file of the history and conversations; `minivault logs reindex` rebuilds it from the log.",
+    )
+    log_max_bytes: PositiveInt | None = Field(
+        None,
+        validation_alias="MINIVAULT_LOG_MAX_BYTES",
+        description="Rotate the log when it passes this size (log.jsonl.1, .2, ...); unset: never.",
+    )
+    log_backups: PositiveInt = Field(
+        5,
+        validation_alias="MINIVAULT_LOG_BACKUPS",
+        description="Rotated log files kept (log.jsonl.1 ... log.jsonl.N).",
+    )
+    max_turns: PositiveInt = Field(
+        20,
+        validation_alias="MINIVAULT_MAX_TURNS",
+        description="Earlier turns of a conversation sent upstream with a new prompt, at most.",
+    )
+    max_context_chars: PositiveInt = Field(
+        16_000,
+        validation_alias="MINIVAULT_MAX_CONTEXT_CHARS",
+        description="Characters of earlier turns sent upstream, at most; the oldest go first, the system prompt never.",
+    )
+    auto_pull: bool = Field(
+        False,
+        validation_alias="MINIVAULT_AUTO_PULL",
+        description="At start-up, pull the default model into Ollama when it is missing.",
+    )
     metrics_dir: Path | None = Field(
         None,
         validation_alias="PROMETHEUS_MULTIPROC_DIR",

@@ -156,6 +156,7 @@ class ExchangeRecord:
     endpoint: Endpoint
     client: str | None = None
     key_id: str | None = None
+    conversation_id: str | None = None
     backend: str
     model: str | None = None
     prompt: str | None = None
