@@ -4,7 +4,7 @@ and handing every finished exchange to its consumers (the JSONL log, metrics).""
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -228,6 +228,9 @@ class GenerationService:
         self.consumers = list(consumers)
         self.keep_text = keep_text
         self.draining = False
+        # Set by whatever can make the upstream unusable for a while (a model being pulled): returns
+        # the error new prompts get meanwhile, or None.
+        self.unavailable: Callable[[], MiniVaultError | None] | None = None
         self._guards: set[_Guard] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -261,6 +264,8 @@ class GenerationService:
         try:
             if self.draining:
                 raise ShuttingDown("MiniVault is shutting down and takes no new prompts; retry in a moment")
+            if self.unavailable is not None and (refusal := self.unavailable()) is not None:
+                raise refusal
             guard.task = asyncio.current_task()
             if admission.try_enter():
                 admitted = True
