@@ -8,11 +8,17 @@ import pytest
 import respx
 
 from app.backends import Completion, OllamaBackend
-from app.backends.base import iter_json_lines
+from app.backends.base import ChatInput, iter_json_lines
 from app.errors import BackendError, BackendTimeout, BackendUnavailable, InvalidRequest, MiniVaultError, ModelNotFound
 from app.schemas import GenerateRequest
 
 pytestmark = pytest.mark.anyio
+
+
+def as_chat(request: GenerateRequest, model: str) -> ChatInput:
+    return ChatInput.single(model, request.prompt, request.system, request.upstream_options())
+
+
 URL = "http://ollama.test:11434"
 
 
@@ -25,7 +31,7 @@ DONE = {"done": True, "done_reason": "stop", "prompt_eval_count": 3, "eval_count
 
 async def collect(backend: OllamaBackend, request: GenerateRequest, model: str = "m") -> tuple[list[str], Completion]:
     completion = Completion()
-    return [text async for text in backend.stream(request, model, completion)], completion
+    return [text async for text in backend.stream(as_chat(request, model), completion)], completion
 
 
 @pytest.fixture

@@ -8,12 +8,18 @@ import pytest
 import respx
 
 from app.backends import Completion
-from app.backends.base import Upstream
+from app.backends.base import ChatInput, Upstream
 from app.backends.openai_compat import OpenAICompatBackend
 from app.errors import BackendError, BackendUnavailable, InvalidRequest, MiniVaultError, ModelNotFound
 from app.schemas import GenerateRequest
 
 pytestmark = pytest.mark.anyio
+
+
+def as_chat(request: GenerateRequest, model: str) -> ChatInput:
+    return ChatInput.single(model, request.prompt, request.system, request.upstream_options())
+
+
 URL = "http://llm.test:8080"
 UPSTREAM = Upstream("the OpenAI-compatible server", URL, "start it")
 
@@ -40,7 +46,7 @@ async def collect(
     backend: OpenAICompatBackend, request: GenerateRequest, model: str = "qwen"
 ) -> tuple[str, Completion]:
     completion = Completion()
-    return "".join([text async for text in backend.stream(request, model, completion)]), completion
+    return "".join([text async for text in backend.stream(as_chat(request, model), completion)]), completion
 
 
 async def test_stream_reads_deltas_usage_and_finish_reason(backend: OpenAICompatBackend) -> None:

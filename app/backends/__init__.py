@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from app.backends.base import Backend, BackendStatus, Completion, ModelInfo, SupportsPull, Upstream
+from app.backends.base import Backend, BackendStatus, ChatInput, Completion, ModelInfo, SupportsPull, Upstream
 from app.backends.embedded import EmbeddedBackend, EmbeddedEngine, bundled_model_path, default_threads, engine_installed
 from app.backends.ollama import OllamaBackend
 from app.backends.openai_compat import OpenAICompatBackend
@@ -21,7 +21,9 @@ from app.backends.transport import pooled_client
 from app.config import Settings
 from app.errors import MiniVaultError
 
-__all__ = ["Backend", "BackendStatus", "Completion", "ModelInfo", "OllamaBackend", "SupportsPull", "open_backend"]
+__all__ = [
+    "Backend", "BackendStatus", "ChatInput", "Completion", "ModelInfo", "OllamaBackend", "SupportsPull", "open_backend",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -9,10 +10,40 @@ import httpx
 import orjson
 
 from app.backends.transport import failure_kind
-from app.errors import BackendError, BackendTimeout, BackendUnavailable, MiniVaultError
-from app.schemas import GenerateRequest
+from app.errors import BackendError, BackendTimeout, BackendUnavailable, Busy, InvalidRequest, MiniVaultError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatInput:
+    """What the upstream is asked, in no backend's dialect: messages with roles, a model, options.
+
+    `messages` is `system` first (when there is one), earlier turns, then the user's prompt.
+    `conversation` False means one plain prompt, which Ollama answers with /api/generate.
+    """
+
+    model: str
+    messages: tuple[dict[str, str], ...]
+    options: dict[str, Any] | None = None
+    conversation: bool = False
+
+    @classmethod
+    def single(cls, model: str, prompt: str, system: str | None = None, options: dict[str, Any] | None = None
+               ) -> "ChatInput":  # fmt: skip
+        """One prompt, with its system prompt, outside any conversation."""
+        user = {"role": "user", "content": prompt}
+        messages = ({"role": "system", "content": system}, user) if system is not None else (user,)
+        return cls(model, messages, options)
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-1]["content"]
+
+    @property
+    def system(self) -> str | None:
+        first = self.messages[0]
+        return first["content"] if first["role"] == "system" else None
 
 
 @dataclass(slots=True)
@@ -48,7 +79,7 @@ class Backend(Protocol):
     url: str
     default_model: str
 
-    def stream(self, request: GenerateRequest, model: str, completion: Completion) -> AsyncIterator[str]:
+    def stream(self, chat: ChatInput, completion: Completion) -> AsyncIterator[str]:
         """Yield the answer's text chunks as they arrive; raise MiniVaultError subclasses on failure.
 
         Closing the iterator early must close the upstream request, so generation stops.
@@ -84,6 +115,56 @@ class Upstream:
     label: str
     url: str
     start_hint: str
+
+
+class HttpBackend:
+    """What the HTTP backends share: the pooled client, the request and its status handling.
+
+    Each subclass keeps only its wire format: the payload it sends and the lines it parses.
+    """
+
+    name: str
+    _JSON = {"Content-Type": "application/json"}
+
+    def __init__(self, client: httpx.AsyncClient, url: str, default_model: str, upstream: Upstream) -> None:
+        self._client = client
+        self.url = url
+        self.default_model = default_model
+        self._upstream = upstream
+
+    @asynccontextmanager
+    async def _post_stream(self, path: str, payload: dict[str, Any], model: str) -> AsyncIterator[httpx.Response]:
+        """POST `payload` and hand over the streaming response once it answered 200.
+
+        Any other status becomes the matching error (`_status_error`), and transport failures,
+        whenever they happen while the body is read, become the error table's.
+        """
+        try:
+            async with self._client.stream("POST", path, content=orjson.dumps(payload), headers=self._JSON) as response:
+                if response.status_code != 200:
+                    raise await self._status_error(response, model)
+                yield response
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._upstream, self._client.timeout) from exc
+
+    async def _status_error(self, response: httpx.Response, model: str) -> MiniVaultError:
+        await response.aread()
+        label, status, text = self._upstream.label, response.status_code, error_text(response)
+        if status == 404:
+            return await self._missing_model(model)
+        if status == 400:
+            return InvalidRequest(f"{label} rejected the request: {text}")
+        if status in (429, 503):
+            return Busy(f"{label} is busy ({status}: {text}); retry shortly{self._busy_hint}", 1)
+        if status in (401, 403):
+            return BackendError(f"{label} refused the credentials ({status}: {text}){self._credentials_hint}")
+        return BackendError(f"{label} answered {status}: {text}")
+
+    _busy_hint = ""
+    _credentials_hint = ""
+
+    async def _missing_model(self, model: str) -> MiniVaultError:
+        raise NotImplementedError
 
 
 class LineSplitter:

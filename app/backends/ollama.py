@@ -1,4 +1,5 @@
-"""Ollama's native API: `POST /api/generate` streamed as NDJSON, and `/api/tags` for models."""
+"""Ollama's native API: `/api/generate` for a plain prompt, `/api/chat` for a conversation, both
+streamed as NDJSON; `/api/tags` for models and `/api/pull` for downloads."""
 
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -8,7 +9,9 @@ import orjson
 
 from app.backends.base import (
     BackendStatus,
+    ChatInput,
     Completion,
+    HttpBackend,
     LineSplitter,
     ModelInfo,
     Upstream,
@@ -18,63 +21,57 @@ from app.backends.base import (
     load_json_object,
     transport_error,
 )
-from app.errors import BackendError, Busy, InvalidRequest, MiniVaultError, ModelNotFound
-from app.schemas import GenerateRequest
+from app.backends.transport import failure_kind
+from app.errors import BackendError, InvalidRequest, MiniVaultError, ModelNotFound
 
 _JSON = {"Content-Type": "application/json"}
 
 
-class OllamaBackend:
+class OllamaBackend(HttpBackend):
     """Streams answers from one Ollama server through a pooled httpx client the caller owns."""
 
     name = "ollama"
+    _busy_hint = ", or raise OLLAMA_MAX_QUEUE"
 
     def __init__(self, client: httpx.AsyncClient, url: str, default_model: str) -> None:
-        self._client = client
-        self.url = url
-        self.default_model = default_model
-        self._upstream = Upstream(
+        upstream = Upstream(
             "Ollama", url, "start it with `ollama serve` or `docker compose up -d`, or point OLLAMA_BASE_URL at one"
         )
+        super().__init__(client, url, default_model, upstream)
 
-    async def stream(self, request: GenerateRequest, model: str, completion: Completion) -> AsyncIterator[str]:
+    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncIterator[str]:
         """Yield text chunks as Ollama produces them; closing the iterator closes the upstream request."""
-        payload: dict[str, Any] = {"model": model, "prompt": request.prompt, "stream": True}
-        if request.system is not None:
-            payload["system"] = request.system
-        if request.options is not None:
-            payload["options"] = request.upstream_options()
-        try:
-            async with self._client.stream(
-                "POST", "/api/generate", content=orjson.dumps(payload), headers=_JSON
-            ) as response:
-                if response.status_code != 200:
-                    raise await self._status_error(response, model)
-                finished = False
-                splitter = LineSplitter()
-                # Read to the end of the body even after `done`: a response left unread cannot go
-                # back to the pool, and every request would pay for a new connection.
-                async for chunk in response.aiter_raw():
-                    for line in splitter.feed(chunk):
-                        if finished or not line or line.isspace():
-                            continue
-                        event = load_json_object(line, "Ollama")
-                        if "error" in event:
-                            raise BackendError(f"Ollama: {event['error']}")
-                        text = event.get("response")
-                        if text:
-                            yield text
-                        if event.get("done"):
-                            completion.done_reason = event.get("done_reason")
-                            completion.prompt_tokens = event.get("prompt_eval_count")
-                            completion.completion_tokens = event.get("eval_count")
-                            finished = True
-                if not finished:
-                    raise BackendError(
-                        "Ollama closed the stream before its final 'done' line; the answer is incomplete"
-                    )
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self._upstream, self._client.timeout) from exc
+        if chat.conversation:
+            path, payload = "/api/chat", {"model": chat.model, "messages": list(chat.messages), "stream": True}
+        else:
+            path, payload = "/api/generate", {"model": chat.model, "prompt": chat.prompt, "stream": True}
+            if chat.system is not None:
+                payload["system"] = chat.system
+        if chat.options is not None:
+            payload["options"] = chat.options
+        async with self._post_stream(path, payload, chat.model) as response:
+            finished = False
+            splitter = LineSplitter()
+            # Read to the end of the body even after `done`: a response left unread cannot go
+            # back to the pool, and every request would pay for a new connection.
+            async for chunk in response.aiter_raw():
+                for line in splitter.feed(chunk):
+                    if finished or not line or line.isspace():
+                        continue
+                    event = load_json_object(line, "Ollama")
+                    if "error" in event:
+                        raise BackendError(f"Ollama: {event['error']}")
+                    # /api/generate says `response`; /api/chat says `message.content`.
+                    text = event["response"] if "response" in event else (event.get("message") or {}).get("content")
+                    if text:
+                        yield text
+                    if event.get("done"):
+                        completion.done_reason = event.get("done_reason")
+                        completion.prompt_tokens = event.get("prompt_eval_count")
+                        completion.completion_tokens = event.get("eval_count")
+                        finished = True
+            if not finished:
+                raise BackendError("Ollama closed the stream before its final 'done' line; the answer is incomplete")
 
     async def pull(self, model: str) -> AsyncGenerator[dict[str, Any], None]:
         """Ollama's `/api/pull` progress lines (`status`, and `digest`/`total`/`completed` per layer)."""
@@ -124,29 +121,20 @@ class OllamaBackend:
             response.raise_for_status()
             names = {item.get("name") for item in response.json().get("models", [])}
         except (httpx.HTTPError, ValueError) as exc:
-            return BackendStatus(False, False, f"Ollama is not answering at {self.url} ({type(exc).__name__})")
+            kind = failure_kind(exc) if isinstance(exc, httpx.HTTPError) else type(exc)
+            return BackendStatus(False, False, f"Ollama is not answering at {self.url} ({kind.__name__})")
         if model_in(self.default_model, names):
             return BackendStatus(True, True)
         return BackendStatus(
             True, False, f"model '{self.default_model}' is not pulled; run `ollama pull {self.default_model}`"
         )
 
-    async def _status_error(self, response: httpx.Response, model: str) -> MiniVaultError:
-        await response.aread()
-        if response.status_code == 404:
-            return ModelNotFound(await self._missing_model_message(model))
-        if response.status_code == 400:
-            return InvalidRequest(f"Ollama rejected the request: {error_text(response)}")
-        if response.status_code == 503:
-            return Busy(f"Ollama is busy ({error_text(response)}); retry shortly, or raise OLLAMA_MAX_QUEUE", 1)
-        return BackendError(f"Ollama answered {response.status_code}: {error_text(response)}")
-
-    async def _missing_model_message(self, model: str) -> str:
+    async def _missing_model(self, model: str) -> MiniVaultError:
         try:
             installed = ", ".join(sorted(info.name for info in await self.list_models())) or "none"
         except MiniVaultError:
             installed = "unknown: /api/tags failed too"
-        return (
+        return ModelNotFound(
             f"model '{model}' is not installed in Ollama (installed: {installed}); pull it with `ollama pull {model}`"
         )
 

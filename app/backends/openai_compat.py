@@ -7,24 +7,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import orjson
 
 from app.backends.base import (
     BackendStatus,
+    ChatInput,
     Completion,
+    HttpBackend,
     LineSplitter,
     ModelInfo,
     Upstream,
-    error_text,
     get_json,
     load_json_object,
     sse_data,
-    transport_error,
 )
-from app.errors import BackendError, Busy, InvalidRequest, MiniVaultError, ModelNotFound
-from app.schemas import GenerateRequest
+from app.errors import BackendError, InvalidRequest, MiniVaultError, ModelNotFound
 
-_JSON = {"Content-Type": "application/json"}
 # Ollama option -> request field. OpenAI's own, then the sampling extensions llama.cpp and vLLM accept.
 _OPTION_FIELDS = {
     "temperature": "temperature",
@@ -42,72 +39,60 @@ _OPTION_FIELDS = {
 }
 
 
-class OpenAICompatBackend:
+class OpenAICompatBackend(HttpBackend):
     """Streams chat completions from an OpenAI-compatible server through a pooled httpx client."""
+
+    _credentials_hint = "; set OPENAI_API_KEY to a key it accepts"
 
     def __init__(
         self, client: httpx.AsyncClient, url: str, default_model: str, *, name: str = "openai", upstream: Upstream
     ) -> None:
-        self._client = client
+        super().__init__(client, url, default_model, upstream)
         self.name = name
-        self.url = url
-        self.default_model = default_model
-        self._upstream = upstream
 
-    async def stream(self, request: GenerateRequest, model: str, completion: Completion) -> AsyncIterator[str]:
+    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncIterator[str]:
         """Yield content deltas as they arrive; closing the iterator closes the upstream request."""
-        self.check_model(model)
-        payload = self._payload(request, model)
+        self.check_model(chat.model)
         label = self._upstream.label
         finished = ended = False
-        try:
-            async with self._client.stream(
-                "POST", "/v1/chat/completions", content=orjson.dumps(payload), headers=_JSON
-            ) as response:
-                if response.status_code != 200:
-                    raise await self._status_error(response, model)
-                splitter = LineSplitter()
-                async for chunk in response.aiter_raw():
-                    for line in splitter.feed(chunk):
-                        data = sse_data(line)
-                        if data is None or ended:
-                            continue
-                        if data == b"[DONE]":
-                            # Read on to the end of the body so the connection goes back to the pool.
-                            ended = True
-                            continue
-                        event = load_json_object(data, label)
-                        if "error" in event:
-                            raise BackendError(f"{label}: {_message(event['error'])}")
-                        for choice in event.get("choices") or ():
-                            text = (choice.get("delta") or {}).get("content")
-                            if text:
-                                yield text
-                            if choice.get("finish_reason"):
-                                completion.done_reason = choice["finish_reason"]
-                                finished = True
-                        if usage := event.get("usage"):
-                            completion.prompt_tokens = usage.get("prompt_tokens")
-                            completion.completion_tokens = usage.get("completion_tokens")
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self._upstream, self._client.timeout) from exc
+        async with self._post_stream("/v1/chat/completions", self._payload(chat), chat.model) as response:
+            splitter = LineSplitter()
+            async for chunk in response.aiter_raw():
+                for line in splitter.feed(chunk):
+                    data = sse_data(line)
+                    if data is None or ended:
+                        continue
+                    if data == b"[DONE]":
+                        # Read on to the end of the body so the connection goes back to the pool.
+                        ended = True
+                        continue
+                    event = load_json_object(data, label)
+                    if "error" in event:
+                        raise BackendError(f"{label}: {_message(event['error'])}")
+                    for choice in event.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            yield text
+                        if choice.get("finish_reason"):
+                            completion.done_reason = choice["finish_reason"]
+                            finished = True
+                    if usage := event.get("usage"):
+                        completion.prompt_tokens = usage.get("prompt_tokens")
+                        completion.completion_tokens = usage.get("completion_tokens")
         if not (finished or ended):
             raise BackendError(f"{label} closed the stream before it finished; the answer is incomplete")
 
     def check_model(self, model: str) -> None:
         """Refuse a model before calling the server; a general server decides for itself."""
 
-    def _payload(self, request: GenerateRequest, model: str) -> dict[str, Any]:
-        messages = [{"role": "user", "content": request.prompt}]
-        if request.system is not None:
-            messages.insert(0, {"role": "system", "content": request.system})
+    def _payload(self, chat: ChatInput) -> dict[str, Any]:
         payload: dict[str, Any] = {
-            "model": model,
-            "messages": messages,
+            "model": chat.model,
+            "messages": list(chat.messages),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        options = request.upstream_options() or {}
+        options = chat.options or {}
         unsupported = sorted(set(options) - set(_OPTION_FIELDS))
         if unsupported:
             raise InvalidRequest(
@@ -145,27 +130,15 @@ class OpenAICompatBackend:
         return BackendStatus(True, False, f"{label} does not list model '{self.default_model}' (it lists: "
                                           f"{', '.join(sorted(map(str, ids))) or 'none'})")  # fmt: skip
 
-    async def _status_error(self, response: httpx.Response, model: str) -> MiniVaultError:
-        await response.aread()
-        label, status, text = self._upstream.label, response.status_code, error_text(response)
-        if status in (401, 403):
-            return BackendError(
-                f"{label} refused the credentials ({status}: {text}); set OPENAI_API_KEY to a key it accepts"
-            )
-        if status == 404:
-            try:
-                served = ", ".join(sorted(info.name for info in await self.list_models())) or "none"
-            except MiniVaultError:
-                served = "unknown: /v1/models failed too"
-            return ModelNotFound(
-                f"model '{model}' is not served by {label} at {self.url} (it serves: {served}); "
-                "name one of those, or set OPENAI_MODEL"
-            )
-        if status == 400:
-            return InvalidRequest(f"{label} rejected the request: {text}")
-        if status in (429, 503):
-            return Busy(f"{label} is busy ({status}: {text}); retry shortly", 1)
-        return BackendError(f"{label} answered {status}: {text}")
+    async def _missing_model(self, model: str) -> MiniVaultError:
+        try:
+            served = ", ".join(sorted(info.name for info in await self.list_models())) or "none"
+        except MiniVaultError:
+            served = "unknown: /v1/models failed too"
+        return ModelNotFound(
+            f"model '{model}' is not served by {self._upstream.label} at {self.url} (it serves: {served}); "
+            "name one of those, or set OPENAI_MODEL"
+        )
 
 
 def _message(error: object) -> str:
