@@ -198,7 +198,7 @@ class Settings(BaseSettings):
     db_path: Path = Field(
         Path("logs/minivault.db"),
         validation_alias="MINIVAULT_DB_PATH",
-        description="SQLite file of the history and conversations; `minivault logs reindex` rebuilds it from the log.",
+        description="SQLite file of the history and conversations; default: minivault.db beside the log.",
     )
     log_max_bytes: PositiveInt | None = Field(
         None,
@@ -242,6 +242,16 @@ class Settings(BaseSettings):
                                     ("idle_timeout", "MINIVAULT_IDLE_TIMEOUT")):  # fmt: skip
                     if name not in data and alias not in data:
                         data[alias] = legacy
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _database_beside_the_log(cls, data: Any) -> Any:
+        # The history is rebuilt from the log, so by default it lives in the log's folder.
+        if isinstance(data, dict) and "db_path" not in data and "MINIVAULT_DB_PATH" not in data:
+            log_path = data.get("MINIVAULT_LOG_PATH", data.get("log_path"))
+            if log_path:
+                data["MINIVAULT_DB_PATH"] = str(Path(log_path).parent / "minivault.db")
         return data
 
     @field_validator("api_keys")

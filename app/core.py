@@ -11,9 +11,11 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from app.admission import Admission
-from app.backends import Backend, Completion
-from app.errors import BackendTimeout, MiniVaultError, ShuttingDown
+from app.backends import Backend, ChatInput, Completion
+from app.conversations import ConversationMemory
+from app.errors import BackendTimeout, InvalidRequest, MiniVaultError, ShuttingDown
 from app.schemas import Endpoint, ExchangeRecord, GenerateRequest, LoggedError, Status
+from app.store import Turn
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ class Exchange:
     """One prompt's life: what was asked, the text so far, and the record it leaves."""
 
     __slots__ = (
-        "id", "endpoint", "client", "key_id", "request", "prompt", "model", "backend", "ts", "started",
+        "id", "endpoint", "client", "key_id", "conversation_id", "request", "prompt", "model", "backend", "ts",
+        "started",
         "parts", "completion", "queue_ms", "ttft_ms", "latency_ms", "status", "error",
     )  # fmt: skip
 
@@ -64,6 +67,7 @@ class Exchange:
         self.endpoint = endpoint
         self.client = client
         self.key_id = key_id
+        self.conversation_id = request.conversation_id if request else None
         self.request = request
         # A rejected request has no GenerateRequest, but whatever prompt it carried is still logged.
         self.prompt = request.prompt if request else prompt
@@ -107,6 +111,7 @@ class Exchange:
             endpoint=self.endpoint,
             client=self.client,
             key_id=self.key_id,
+            conversation_id=self.conversation_id,
             backend=self.backend,
             model=self.model,
             prompt=self.prompt if keep_text else None,
@@ -221,16 +226,19 @@ class GenerationService:
         timeouts: Timeouts,
         consumers: Sequence[ExchangeConsumer],
         keep_text: bool = True,
+        memory: ConversationMemory | None = None,
     ) -> None:
         self.backend = backend
+        # None when texts may not be stored (MINIVAULT_LOG_PROMPTS=false): no conversations then.
+        self.memory = memory
         self.admission = admission
         self.timeouts = timeouts
         self.consumers = list(consumers)
         self.keep_text = keep_text
         self.draining = False
-        # Set by whatever can make the upstream unusable for a while (a model being pulled): returns
-        # the error new prompts get meanwhile, or None.
-        self.unavailable: Callable[[], MiniVaultError | None] | None = None
+        # Set by whatever can make a model unusable for a while (it is being pulled): given the
+        # model a prompt names, returns the error the prompt gets meanwhile, or None.
+        self.unavailable: Callable[[str], MiniVaultError | None] | None = None
         self._guards: set[_Guard] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -252,7 +260,10 @@ class GenerationService:
         the partial text. Failures (upstream, timeouts, a full queue, shutdown) are logged and
         raised as MiniVaultError.
         """
-        assert exchange.request is not None
+        request = exchange.request
+        assert request is not None
+        conversation_id = exchange.conversation_id
+        held = False
         loop = asyncio.get_running_loop()
         guard = _Guard(loop, self.timeouts)
         self._guards.add(guard)
@@ -264,9 +275,14 @@ class GenerationService:
         try:
             if self.draining:
                 raise ShuttingDown("MiniVault is shutting down and takes no new prompts; retry in a moment")
-            if self.unavailable is not None and (refusal := self.unavailable()) is not None:
+            if self.unavailable is not None and (refusal := self.unavailable(exchange.model)) is not None:
                 raise refusal
             guard.task = asyncio.current_task()
+            if conversation_id is None:
+                chat = ChatInput.single(exchange.model, request.prompt, request.system, request.upstream_options())
+            else:
+                chat = await self._conversation_input(exchange, guard)
+                held = True
             if admission.try_enter():
                 admitted = True
             else:
@@ -290,7 +306,7 @@ class GenerationService:
                 exchange.queue_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
             guard.start()
             guard.inside = True
-            async with aclosing(self.backend.stream(exchange.request, exchange.model, exchange.completion)) as chunks:
+            async with aclosing(self.backend.stream(chat, exchange.completion)) as chunks:
                 async for text in chunks:
                     guard.inside = False
                     guard.last = loop.time()
@@ -303,6 +319,10 @@ class GenerationService:
                         raise guard.error
                     guard.inside = True
             guard.inside = False
+            if conversation_id is not None:
+                assert self.memory is not None
+                turn = Turn(request.prompt, exchange.text, exchange.id, exchange.ts.isoformat())
+                await self.memory.remember(conversation_id, turn, request.system)
         except asyncio.CancelledError:
             guard.inside = False
             if guard.cancelled and guard.error is not None:
@@ -322,6 +342,9 @@ class GenerationService:
         finally:
             guard.close()
             self._guards.discard(guard)
+            if held:
+                assert self.memory is not None and conversation_id is not None
+                self.memory.release(conversation_id)
             if ticket is not None:
                 admission.leave(ticket)
                 exchange.queue_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
@@ -330,6 +353,28 @@ class GenerationService:
             self.finish(exchange)
             if not self._guards:
                 self._idle.set()
+
+    async def _conversation_input(self, exchange: Exchange, guard: "_Guard") -> ChatInput:
+        """Wait for the conversation to be free, then build the prompt's messages from its turns."""
+        request, conversation_id = exchange.request, exchange.conversation_id
+        assert request is not None and conversation_id is not None
+        if self.memory is None:
+            raise InvalidRequest(
+                "conversation_id: conversations keep their turns, and MINIVAULT_LOG_PROMPTS=false forbids storing "
+                "text; send the earlier turns yourself, or set MINIVAULT_LOG_PROMPTS=true"
+            )
+        guard.inside = True  # the wait and the read can be cut off by shutdown
+        await self.memory.acquire(conversation_id)
+        try:
+            chat = await self.memory.chat_input(
+                conversation_id, exchange.model, request.prompt, request.system, request.upstream_options()
+            )
+        except BaseException:
+            self.memory.release(conversation_id)
+            raise
+        finally:
+            guard.inside = False
+        return chat
 
     async def run(self, exchange: Exchange) -> dict[str, Any]:
         """Generate the whole answer (waiting in the queue if need be) and return the REST body."""

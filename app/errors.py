@@ -106,6 +106,13 @@ class ShuttingDown(MiniVaultError):
     ws_close = WS_GOING_AWAY
 
 
+class ModelLoading(MiniVaultError):
+    """The default model is still being pulled into Ollama (MINIVAULT_AUTO_PULL); the message has the progress."""
+
+    status = 503
+    code = "model_loading"
+
+
 class NotSupported(MiniVaultError):
     """The backend in use cannot do this (for example pulling a model anywhere but Ollama)."""
 
@@ -113,11 +120,15 @@ class NotSupported(MiniVaultError):
     code = "not_supported"
 
 
-class RouteNotFound(MiniVaultError):
-    """No route matches the path."""
+class NotFound(MiniVaultError):
+    """No such thing behind an existing route: a conversation, an exchange in the history."""
 
     status = 404
     code = "not_found"
+
+
+class RouteNotFound(NotFound):
+    """No route matches the path."""
 
 
 class MethodNotAllowed(MiniVaultError):

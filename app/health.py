@@ -28,5 +28,9 @@ class BackendProbe:
         assert self._status is not None
         return self._status
 
+    def forget(self) -> None:
+        """Drop the cached result (the upstream just changed, e.g. a model was pulled): the next call probes."""
+        self._status = None
+
     def _fresh(self) -> bool:
         return self._status is not None and time.monotonic() - self._checked_at < self._ttl

@@ -8,21 +8,26 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
+from starlette.routing import Route, compile_path
 
 from app import __version__
 from app.admission import Admission
 from app.auth import OPEN_PATHS, ApiKeyMiddleware
 from app.backends import Backend, open_backend
 from app.body_limit import BodyLimitMiddleware
+from app.bootstrap import start_bootstrap
 from app.config import ConfigError, Settings, load_settings
+from app.conversations import ContextLimits, ConversationMemory
 from app.core import GenerationService, Timeouts
 from app.errors import InvalidRequest, MethodNotAllowed, MiniVaultError, RouteNotFound
 from app.health import BackendProbe
@@ -30,10 +35,13 @@ from app.interactions import JsonlWriter
 from app.metrics import Metrics
 from app.request_id import RequestIdMiddleware, request_id_of
 from app.responses import error_response
-from app.routes import generate, health, metrics, models, ws
+from app.routes import conversations, generate, health, history, metrics, models, ws
+from app.routes.conversations import NewConversation
 from app.schemas import GenerateRequest, PullRequest, describe_validation_errors
 from app.serverlog import configure_server_log
 from app.shutdown import install_drain
+from app.store.sqlite_conversations import SqliteConversations
+from app.store.sqlite_history import SqliteHistory
 
 logger = logging.getLogger("app")
 
@@ -49,23 +57,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure_server_log(settings.log_format)  # uvicorn may have reconfigured logging since
         async with AsyncExitStack() as stack:
             stack.callback(app_metrics.close)
-            interaction_log = JsonlWriter(settings.log_path, on_batch=app_metrics.count_log_batch)
+            interaction_log = JsonlWriter(
+                settings.log_path,
+                on_batch=app_metrics.count_log_batch,
+                max_bytes=settings.log_max_bytes,
+                backups=settings.log_backups,
+            )
             interaction_log.start()
             stack.push_async_callback(interaction_log.aclose)
+            exchange_history = SqliteHistory(settings.db_path, keep_text=settings.log_prompts)
+            exchange_history.start()
+            stack.push_async_callback(exchange_history.aclose)
             backend = await open_backend(settings, stack)
+            memory = None
+            if settings.log_prompts:
+                conversations = SqliteConversations(settings.db_path)
+                stack.push_async_callback(conversations.aclose)
+                memory = ConversationMemory(
+                    conversations, ContextLimits(settings.max_turns, settings.max_context_chars)
+                )
             service = GenerationService(
                 backend,
                 Admission(settings.max_concurrency, settings.max_queue, app_metrics.set_load),
                 Timeouts(settings.first_token_timeout, settings.idle_timeout, settings.total_timeout),
-                [interaction_log, app_metrics],
+                [interaction_log, app_metrics, exchange_history],
                 keep_text=settings.log_prompts,
+                memory=memory,
             )
             app.state.service = service
             app.state.backend = backend
             app.state.interaction_log = interaction_log
+            app.state.history = exchange_history
             app.state.probe = BackendProbe(backend, settings.health_timeout, settings.health_cache_seconds)
             app.state.loading = None
-            if settings.warmup:
+            # With MINIVAULT_AUTO_PULL (Ollama), a missing default model is pulled first, then warmed up.
+            app.state.bootstrap = start_bootstrap(settings, backend, service, app.state.probe.forget,
+                                                  partial(_warm_up, backend) if settings.warmup else None)  # fmt: skip
+            if app.state.bootstrap is not None:
+                stack.push_async_callback(app.state.bootstrap.aclose)
+            elif settings.warmup:
                 app.state.loading = asyncio.create_task(_warm_up(backend))
                 stack.callback(app.state.loading.cancel)
             stack.callback(install_drain(service, settings.shutdown_grace))
@@ -102,8 +132,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(metrics.router)
+    app.include_router(conversations.router)
+    app.include_router(history.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    methods: set[str] = set()
+    for context in iter_route_contexts(app.routes):
+        route = context.original_route
+        if isinstance(route, Route) and context.path and compile_path(context.path)[0].match(path):
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -114,7 +155,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
     components = schema.setdefault("components", {})
     models = components.setdefault("schemas", {})
-    for model in (GenerateRequest, PullRequest):
+    for model in (GenerateRequest, PullRequest, NewConversation):
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         models.update(model_schema.pop("$defs", {}))
         models[model.__name__] = model_schema
@@ -204,6 +245,10 @@ def _add_error_handlers(app: FastAPI) -> None:
             )
         elif exc.status_code == 405:
             error = MethodNotAllowed(f"{request.url.path} does not take {request.method}; the API is listed at /docs")
+            # Starlette's Allow names the methods of the first route on the path; a path served by
+            # several routes (GET and POST /conversations) takes all of theirs.
+            allowed = _allowed_methods(app, request.url.path)
+            return error_response(error, request_id_of(request), {"Allow": ", ".join(allowed)})
         else:
             error = MiniVaultError(str(exc.detail))
             error.status = exc.status_code  # type: ignore[misc]

@@ -75,6 +75,12 @@ class GenerateRequest(BaseModel):
     system: str | None = Field(None, description="System prompt for this request.")
     options: Options | None = Field(None, description="Ollama model options.")
     stream: bool = Field(False, description="Answer as Server-Sent Events (ignored on the websocket).")
+    conversation_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._:\-]{1,128}$",
+        description="Continue this conversation (an unknown id starts one): its earlier turns are sent along, "
+        "and the answer is kept as its next turn.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -211,7 +217,8 @@ _MAX_PHRASES = 20
 def describe_validation_errors(exc: ValidationError, example: str = '{"prompt": "Hello"}') -> str:
     """Pydantic's errors as `field: why` phrases a person can act on (the first 20, then a count)."""
     phrases = []
-    errors = exc.errors(include_url=False)
+    # FastAPI's RequestValidationError (query and path parameters) has the same errors, without the option.
+    errors = exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc.errors()
     for error in errors[:_MAX_PHRASES]:
         kind = error["type"]
         field = ".".join(str(part) for part in error["loc"])

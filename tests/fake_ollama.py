@@ -1,4 +1,4 @@
-"""A fake Ollama: a real HTTP server that streams `/api/generate` as NDJSON, token by token.
+"""A fake Ollama: a real HTTP server that streams `/api/generate` and `/api/chat` as NDJSON, token by token.
 
 The model name picks the behaviour, so one server serves every test:
   any name in `models`   echo the prompt back, one word per line, `fake.delay` seconds apart
@@ -18,7 +18,9 @@ The model name picks the behaviour, so one server serves every test:
 A generate request with no "prompt" is a load request, as in Ollama: it answers one JSON object
 with `done_reason: "load"` once the test releases `fake.loaded` (released by default), counted in `loads`.
 `/api/pull` streams progress for any name (and adds it to `models`), except names starting
-"no-such", which end in the registry's "file does not exist" error line.
+"no-such", which end in the registry's "file does not exist" error line; pulls are counted in `pulls`,
+`fail_pulls` makes that many next pulls end in a registry error, and clearing `pulled` holds a pull
+halfway through its first layer until the test sets it again.
 Like Ollama, it stops generating only when it notices its client has gone, by watching
 `receive()` for `http.disconnect`, and counts those disconnects for the tests.
 """
@@ -54,9 +56,14 @@ class FakeOllama:
         self.disconnects = 0
         self.busy = 0
         self.loads = 0
+        self.pulls = 0
+        self.fail_pulls = 0
         # Cleared by a test to hold load requests (model warm-up) until it sets it again.
         self.loaded = threading.Event()
         self.loaded.set()
+        # Likewise for pulls: cleared, a pull stops at 50% of its first layer until it is set.
+        self.pulled = threading.Event()
+        self.pulled.set()
         self._changed = threading.Condition()
 
     @property
@@ -70,7 +77,7 @@ class FakeOllama:
                 raise AssertionError(
                     f"fake Ollama never reached the expected state (started={self.started}, "
                     f"finished={self.finished}, disconnects={self.disconnects}, busy={self.busy}, "
-                    f"loads={self.loads})"
+                    f"loads={self.loads}, pulls={self.pulls})"
                 )
 
     def _count(self, field: str) -> None:
@@ -91,10 +98,15 @@ class FakeOllama:
                        "details": {"family": "fake"}} for i, name in enumerate(self.models)]  # fmt: skip
             await _json(send, 200, {"models": models})
         elif path == "/api/pull" and method == "POST":
-            await self._pull(orjson.loads(await _read_body(receive)), send)
+            await self._pull(orjson.loads(await _read_body(receive)), receive, send)
         elif path == "/api/generate" and method == "POST":
             self.client_ports.append(scope["client"][1])
             await self._generate(orjson.loads(await _read_body(receive)), receive, send)
+        elif path == "/api/chat" and method == "POST":
+            # The same behaviours as /api/generate, answering the last user message in chat's line format.
+            payload = orjson.loads(await _read_body(receive))
+            user = [m.get("content", "") for m in payload.get("messages") or () if m.get("role") == "user"]
+            await self._generate({**payload, "prompt": user[-1] if user else "", "chat": True}, receive, send)
         else:
             await _respond(send, 404, b"404 page not found", b"text/plain")
 
@@ -142,14 +154,20 @@ class FakeOllama:
         await _json(send, 200, {"model": model, "created_at": _now(), "response": "", "done": True,
                                 "done_reason": "load"})  # fmt: skip
 
-    async def _pull(self, payload: dict[str, Any], send: Send) -> None:
+    async def _pull(self, payload: dict[str, Any], receive: Receive, send: Send) -> None:
         """Ollama's pull progress: a manifest, two layers downloading in steps, then success."""
         model = payload.get("model", "")
+        self._count("pulls")
+        failing = model.startswith("no-such") or self.fail_pulls > 0
+        if self.fail_pulls > 0:
+            self.fail_pulls -= 1
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/x-ndjson")]})  # fmt: skip
         lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
         if model.startswith("no-such"):
             lines.append({"error": "pull model manifest: file does not exist"})
+        elif failing:
+            lines.append({"error": 'pull model manifest: Get "https://registry.ollama.ai/v2/": dial tcp: i/o timeout'})
         else:
             for digest, total in (("sha256:2af3b81862c6", 637_000_000), ("sha256:af0ddbdaaa26", 1_200)):
                 lines += [
@@ -157,11 +175,13 @@ class FakeOllama:
                     for done in (0, total // 4, total // 2, total)
                 ]
             lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
-        for line in lines:
+        for index, line in enumerate(lines):
             if self.delay:
                 await asyncio.sleep(self.delay)
             await send({"type": "http.response.body", "body": orjson.dumps(line) + b"\n", "more_body": True})
-        if not model.startswith("no-such"):
+            if index == 3 and not self.pulled.is_set() and not await _held(self.pulled, receive):
+                return
+        if not failing:
             self.models.append(model if ":" in model else f"{model}:latest")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -197,7 +217,7 @@ class FakeOllama:
                     pass
             if gone.is_set():
                 return False
-            await self._send_line(send, model, {"model": model, "created_at": _now(), "response": token, "done": False})
+            await self._send_line(send, model, _token_line(payload, model, token))
             if model in ("error-line:latest", "garbage:latest", "break:latest", "no-done:latest") and index == 1:
                 break
         if model == "stall:latest":
@@ -213,11 +233,14 @@ class FakeOllama:
         elif model == "break:latest":
             raise ConnectionAbortedError("fake Ollama cuts the connection on purpose")
         elif model != "no-done:latest":
+            # A chat's prompt is all its messages: the count shows how much context reached the model.
+            messages = payload.get("messages") or () if payload.get("chat") else ()
+            context = " ".join(m.get("content", "") for m in messages)
             final = {
-                "model": model, "created_at": _now(), "response": "", "done": True,
+                **_token_line(payload, model, ""), "done": True,
                 "done_reason": "length" if len(tokens) < len(words) else "stop",
                 "total_duration": time.monotonic_ns() - started, "load_duration": 1000,
-                "prompt_eval_count": len(words), "prompt_eval_duration": 1000,
+                "prompt_eval_count": len(context.split()) if context else len(words), "prompt_eval_duration": 1000,
                 "eval_count": len(tokens), "eval_duration": 1000,
             }  # fmt: skip
             await self._send_line(send, model, final)
@@ -231,6 +254,22 @@ class FakeOllama:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
 
 
+async def _held(gate: threading.Event, receive: Receive) -> bool:
+    """Wait until the test sets `gate` (True), or the client leaves first (False)."""
+    gone, watcher = _watch_for_disconnect(receive)
+    try:
+        # A threading.Event, set from the test's thread: looked at between short waits for the client leaving.
+        while not gate.is_set():
+            try:
+                await asyncio.wait_for(gone.wait(), 0.01)
+            except TimeoutError:
+                continue
+            return False
+    finally:
+        watcher.cancel()
+    return True
+
+
 def _watch_for_disconnect(receive: Receive) -> tuple[asyncio.Event, asyncio.Task[None]]:
     """An event set when the client leaves (like Ollama, the fake only notices by reading), and its task."""
     gone = asyncio.Event()
@@ -241,6 +280,12 @@ def _watch_for_disconnect(receive: Receive) -> tuple[asyncio.Event, asyncio.Task
         gone.set()
 
     return gone, asyncio.create_task(watch())
+
+
+def _token_line(payload: dict[str, Any], model: str, token: str) -> dict[str, Any]:
+    if payload.get("chat"):
+        return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": token}, "done": False}
+    return {"model": model, "created_at": _now(), "response": token, "done": False}
 
 
 def _now() -> str:

@@ -90,9 +90,9 @@ async def test_log_record_has_every_documented_field(ollama: respx.MockRouter, l
     assert response.status_code == 200
     [line] = read_log(log_path)
     assert set(line) == {
-        "id", "ts", "endpoint", "client", "key_id", "backend", "model", "prompt", "system", "options", "response",
-        "prompt_chars", "response_chars", "status", "error", "done_reason", "prompt_tokens", "completion_tokens",
-        "queue_ms", "ttft_ms", "latency_ms",
+        "id", "ts", "endpoint", "client", "key_id", "conversation_id", "backend", "model", "prompt", "system",
+        "options", "response", "prompt_chars", "response_chars", "status", "error", "done_reason", "prompt_tokens",
+        "completion_tokens", "queue_ms", "ttft_ms", "latency_ms",
     }  # fmt: skip
     assert line["ts"].endswith("Z") and "T" in line["ts"]
     assert {k: line[k] for k in line if k not in ("ts", "ttft_ms", "latency_ms")} == {
@@ -100,6 +100,7 @@ async def test_log_record_has_every_documented_field(ollama: respx.MockRouter, l
         "endpoint": "rest",
         "client": "192.0.2.7:50000",
         "key_id": None,
+        "conversation_id": None,
         "backend": "ollama",
         "model": "tinyllama:1.1b-chat",
         "prompt": "Say hi",
@@ -130,5 +131,5 @@ async def test_openapi_documents_the_request_body(log_path: Path) -> None:
     assert body["properties"]["options"]["anyOf"][0] == {"$ref": "#/components/schemas/Options"}
     assert "num_predict" in schema["components"]["schemas"]["Options"]["properties"]
     assert body["required"] == ["prompt"]
-    assert set(body["properties"]) == {"prompt", "model", "system", "options", "stream"}
+    assert set(body["properties"]) == {"prompt", "model", "system", "options", "stream", "conversation_id"}
     assert json.dumps(schema).count("invalid_request") >= 1

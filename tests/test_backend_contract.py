@@ -156,3 +156,28 @@ def test_unknown_model_is_404(deployment: Deployment) -> None:
 
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.anyio
+async def test_a_conversation_sends_the_earlier_turns_to_the_model(deployment: Deployment) -> None:
+    # The second prompt reaches the model with the first turn before it: the model reads at least
+    # that many more tokens (the fake counts the words of every message; llama.cpp counts tokens).
+    async with connect(f"{deployment.minivault.ws_url}/ws/generate") as ws:
+        done = []
+        for prompt in ("Name a colour.", "And another one?"):
+            await ws.send(json.dumps({"prompt": prompt, "conversation_id": "contract-1", "options": OPTIONS}))
+            while (frame := json.loads(await ws.recv()))["type"] not in ("done", "error"):
+                pass
+            assert frame["type"] == "done", frame
+            done.append(frame)
+
+    first, second = (frame["usage"] for frame in done)
+    assert first["completion_tokens"] > 0
+    assert second["prompt_tokens"] >= first["prompt_tokens"] + first["completion_tokens"]
+    async with httpx.AsyncClient(base_url=deployment.minivault.url, timeout=10) as client:
+        conversation = (await client.get("/conversations/contract-1")).json()
+    assert [turn["prompt"] for turn in conversation["turns"]] == ["Name a colour.", "And another one?"]
+    assert [turn["response"] for turn in conversation["turns"]] == [frame["response"] for frame in done]
+    await anyio.to_thread.run_sync(deployment.minivault.stop)
+    lines = read_log(deployment.log_path)
+    assert [line["conversation_id"] for line in lines] == ["contract-1", "contract-1"]

@@ -195,7 +195,8 @@ def test_logs_tail_search_and_json(minivault: RunningServer, log_path: Path) -> 
     for prompt in ("first apple", "second banana", "third cherry"):
         assert httpx.post(f"{minivault.url}/generate", json={"prompt": prompt}).status_code == 200
     minivault.stop()
-    env = {"MINIVAULT_LOG_PATH": str(log_path)}
+    # Search asks the API first; nothing listens at this URL, so it reads the file.
+    env = {"MINIVAULT_LOG_PATH": str(log_path), "MINIVAULT_URL": closed_port_url()}
 
     tail = runner.invoke(cli, ["logs", "-n", "2"], env=env)
     found = runner.invoke(cli, ["logs", "search", "BANANA", "--json"], env=env)

@@ -70,6 +70,7 @@ def test_app_compose_file_resolves_onto_the_ollama_network() -> None:
     assert app["environment"]["MINIVAULT_BACKEND"] == "ollama"
     assert app["environment"]["OLLAMA_MODEL"] == "qwen2:0.5b"
     assert app["environment"]["MINIVAULT_WARMUP"] == "true"
+    assert app["environment"]["MINIVAULT_AUTO_PULL"] == "true"  # no manual `ollama pull` step
     assert app["stop_grace_period"] == "40s"  # longer than MINIVAULT_SHUTDOWN_GRACE's default
     assert app["ports"] == ["127.0.0.1:8000:8000/tcp"]
     assert f"{ROOT / 'logs'}:/app/logs:rw" in app["volumes"]

@@ -1,4 +1,5 @@
-"""Where finished exchanges go: today one append-only JSON Lines file."""
+"""Where finished exchanges go: one append-only JSON Lines file (rotated by size when configured),
+and the readers that bring it back across its rotated files."""
 
 from app.interactions.jsonl import JsonlWriter
 

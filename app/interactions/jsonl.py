@@ -2,6 +2,7 @@
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -32,6 +33,13 @@ class JsonlWriter:
     process) is ended before the first new line, so no record is glued to a fragment.
     `on_batch(written, failed)` is told the outcome of every batch (the metrics counters).
 
+    With `max_bytes`, a batch that would take the file past it first rotates the file
+    (log.jsonl -> log.jsonl.1 -> ... -> log.jsonl.`backups`, the oldest dropped) and goes
+    whole into a fresh one, so no line is ever split; a batch larger than the limit gets
+    a file of its own. Writers in several processes serialise the size check, the rename
+    and the write with an flock on `<log>.lock`, and a writer whose file was rotated by
+    another reopens the new one (the inode check) before writing.
+
     The thread does almost no Python work per line (it takes whole batches off a deque), so
     it rarely holds the GIL while the event loop wants it.
     """
@@ -42,8 +50,13 @@ class JsonlWriter:
         max_pending: int = 100_000,
         linger: float = 0.002,
         on_batch: Callable[[int, int], None] | None = None,
+        max_bytes: int | None = None,
+        backups: int = 5,
     ) -> None:
         self.path = Path(path)
+        self._max_bytes = max_bytes
+        self._backups = backups
+        self._lock_fd: int | None = None
         self._on_batch = on_batch
         self.failing = False
         self.last_error: str | None = None
@@ -115,6 +128,7 @@ class JsonlWriter:
             if self._stopping and not self._lines:
                 break
         self._close_file()
+        self._close_lock()
         if self._pending:
             logger.error("interaction log %s: %d lines could not be written", self.path, len(self._pending))
 
@@ -131,6 +145,7 @@ class JsonlWriter:
             self._append(b"".join(self._pending))
         except OSError as exc:
             self._close_file()
+            self._close_lock()
             if not self.failing:
                 logger.error("interaction log %s: write failed (%s); will retry with the next batch", self.path, exc)
             self.failing = True
@@ -148,8 +163,44 @@ class JsonlWriter:
         self._pending = []
 
     def _append(self, data: bytes) -> None:
+        if self._max_bytes is None:
+            self._write_all(self._file(), data)
+            return
+        lock = self._lock()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fd = self._file()
+            size = os.fstat(fd).st_size
+            if size and size + len(data) > self._max_bytes:
+                self._rotate()
+                fd = self._file()
+            self._write_all(fd, data)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _rotate(self) -> None:
+        """log.jsonl.(N-1) -> .N, ..., log.jsonl -> .1 (replacing the oldest); called holding the lock."""
+        self._close_file()
+        for number in range(self._backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{number}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{number + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    def _lock(self) -> int:
+        if self._lock_fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path.with_name(f"{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        return self._lock_fd
+
+    def _close_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes) -> None:
         view = memoryview(data)
-        fd = self._file()
         while view:
             written = os.write(fd, view)
             if written == 0:

@@ -24,7 +24,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "payload_too_large: the body is over MINIVAULT_MAX_BODY_BYTES",
         422: "invalid_request: the body is not a valid request",
         502: "backend_error: the upstream failed",
-        503: "backend_unavailable: the upstream cannot be reached; shutting_down: MiniVault is stopping",
+        503: "backend_unavailable: the upstream cannot be reached; shutting_down: MiniVault is stopping; "
+        "model_loading: the default model is being pulled (MINIVAULT_AUTO_PULL)",
         504: "backend_timeout: the upstream did not answer in time (the message names the timeout setting)",
     }.items()
 }

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 
 from app import __version__
 from app.backends import Backend, BackendStatus
+from app.bootstrap import ModelBootstrap
 from app.deps import BackendDep, LogDep, ProbeDep
 from app.interactions import JsonlWriter
 from app.responses import OrjsonResponse
@@ -34,10 +35,22 @@ async def health(backend: BackendDep, probe: ProbeDep, log: LogDep) -> OrjsonRes
     return OrjsonResponse(_body("ok", backend, await probe.status(), log))
 
 
-@router.get("/ready", responses={503: {"description": "The upstream is down, lacks the model, or is loading it."}})
+_READY_503 = (
+    "The upstream is down, lacks the model, or is loading it; with MINIVAULT_AUTO_PULL, `reason` is `pulling` "
+    "(with `completed` and `total` bytes) while the default model is pulled, `pull_failed` (with `message`) "
+    "while a failed pull waits for its retry."
+)
+
+
+@router.get("/ready", responses={503: {"description": _READY_503}})
 async def ready(request: Request, backend: BackendDep, probe: ProbeDep, log: LogDep) -> OrjsonResponse:
     """200 when the upstream answers and has the configured model, else 503 with the reason."""
     status = await probe.status()
+    bootstrap: ModelBootstrap | None = getattr(request.app.state, "bootstrap", None)
+    if bootstrap is not None and (pending := bootstrap.readiness()) is not None:
+        body = _body(pending.pop("status"), backend, status, log)
+        body.update(pending)
+        return OrjsonResponse(body, status_code=503)
     warm_up = request.app.state.loading
     if warm_up is not None and not warm_up.done():
         body = _body("loading", backend, status, log)

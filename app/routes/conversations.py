@@ -1,0 +1,123 @@
+"""Conversations: create, list, read and forget them; prompts join one with `conversation_id`."""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from app.conversations import ConversationMemory
+from app.errors import InvalidRequest, NotFound
+from app.routes.generate import ERRORS
+from app.schemas import ErrorBody, parse_body
+from app.store import Conversation
+
+router = APIRouter(prefix="/conversations", tags=["conversations"])
+
+_ID = r"^[A-Za-z0-9._:\-]{1,128}$"
+_NOT_FOUND = {404: {"model": ErrorBody, "description": "not_found: no conversation with that id"}}
+_OFF = {422: {"model": ErrorBody, "description": "invalid_request; also when MINIVAULT_LOG_PROMPTS=false"}}
+
+
+class NewConversation(BaseModel):
+    """The (optional) body of `POST /conversations`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{"system": "Be brief."}]})
+
+    system: str | None = Field(None, description="System prompt for every turn, unless a prompt brings its own.")
+
+
+class TurnOut(BaseModel):
+    prompt: str
+    response: str
+    exchange_id: str
+    ts: str
+
+
+class ConversationOut(BaseModel):
+    id: str
+    title: str | None = Field(description="The first prompt, shortened; null until the first answer.")
+    system: str | None
+    created: str
+    updated: str
+    turns: list[TurnOut] | None = Field(None, description="Oldest first; only in GET /conversations/{id}.")
+
+
+class ConversationPage(BaseModel):
+    items: list[ConversationOut]
+    next_cursor: str | None
+
+
+def _memory(request: Request) -> ConversationMemory:
+    memory: ConversationMemory | None = request.app.state.service.memory
+    if memory is None:
+        raise InvalidRequest(
+            "conversations are off: MINIVAULT_LOG_PROMPTS=false forbids storing the turns they are made of"
+        )
+    return memory
+
+
+def _out(conversation: Conversation, with_turns: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": conversation.id,
+        "title": conversation.title,
+        "system": conversation.system,
+        "created": conversation.created,
+        "updated": conversation.updated,
+    }
+    if with_turns:
+        body["turns"] = [
+            {"prompt": t.prompt, "response": t.response, "exchange_id": t.exchange_id, "ts": t.ts}
+            for t in conversation.turns
+        ]
+    return body
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ConversationOut,
+    responses={**_OFF, **{status: ERRORS[status] for status in (413,)}},
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewConversation"}}},
+        }
+    },
+)
+async def create_conversation(request: Request) -> dict[str, Any]:
+    """Start a conversation and return its id; pass it as `conversation_id` with each prompt."""
+    memory = _memory(request)
+    raw = await request.body()
+    body = parse_body(NewConversation, raw, '{"system": "Be brief."}') if raw.strip() else NewConversation()
+    return _out(await memory.store.create(system=body.system), with_turns=False)
+
+
+@router.get("", response_model=ConversationPage, responses=_OFF)
+async def list_conversations(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=200, description="Conversations per page.")] = 50,
+    cursor: Annotated[
+        str | None, Query(pattern=r"^[0-9]{1,18}$", description="`next_cursor` of the previous page.")
+    ] = None,
+) -> dict[str, Any]:
+    """Conversations, most recently continued first, titled by their first prompt."""
+    found, next_cursor = await _memory(request).store.list(limit, cursor)
+    return {"items": [_out(c, with_turns=False) for c in found], "next_cursor": next_cursor}
+
+
+@router.get("/{conversation_id}", response_model=ConversationOut, responses={**_NOT_FOUND, **_OFF})
+async def get_conversation(request: Request, conversation_id: Annotated[str, Path(pattern=_ID)]) -> dict[str, Any]:
+    """One conversation with its turns, oldest first."""
+    conversation = await _memory(request).store.get(conversation_id)
+    if conversation is None:
+        raise NotFound(f"no conversation with id {conversation_id!r}; GET /conversations lists them")
+    return _out(conversation, with_turns=True)
+
+
+@router.delete("/{conversation_id}", status_code=204, responses={**_NOT_FOUND, **_OFF})
+async def delete_conversation(request: Request, conversation_id: Annotated[str, Path(pattern=_ID)]) -> Response:
+    """Forget a conversation and its turns (the interaction log keeps its exchanges)."""
+    if not await _memory(request).store.delete(conversation_id):
+        raise NotFound(f"no conversation with id {conversation_id!r}; GET /conversations lists them")
+    return Response(status_code=204)

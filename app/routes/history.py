@@ -1,0 +1,144 @@
+"""GET /history (search and filter every exchange), GET /history/{id}, GET /history/stats."""
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.errors import NotFound
+from app.responses import OrjsonResponse
+from app.routes.generate import ERRORS
+from app.schemas import Endpoint, ErrorBody, ExchangeRecord, Status
+from app.store import HistoryQuery, HistoryStore
+from app.store.sqlite_history import CURSOR_PATTERN, PAIRED_QUOTES
+
+router = APIRouter(prefix="/history", tags=["history"])
+
+_RECORD_EXAMPLE = {
+    "id": "5f0c3f7e2b9d4c3e8a1b2c3d4e5f6a7b", "ts": "2026-11-29T21:40:56.445Z", "endpoint": "rest",
+    "client": "127.0.0.1:58936", "key_id": None, "conversation_id": None, "backend": "ollama",
+    "model": "tinyllama:1.1b-chat", "prompt": "Explain gravity in one sentence.", "system": None,
+    "options": {"temperature": 0.2}, "response": "Gravity is the force by which a planet draws objects toward it.",
+    "prompt_chars": 32, "response_chars": 63, "status": "ok", "error": None, "done_reason": "stop",
+    "prompt_tokens": 24, "completion_tokens": 15, "queue_ms": None, "ttft_ms": 23.8, "latency_ms": 845.4,
+}  # fmt: skip
+_ERRORS = {
+    401: ERRORS[401],
+    422: {"model": ErrorBody, "description": "invalid_request: a parameter is not valid (the message names it)"},
+}
+
+
+class HistoryPageOut(BaseModel):
+    """One page of exchanges, as the log records them."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [_RECORD_EXAMPLE], "next_cursor": "AAAAAAAB4kA_88CDEm6XjQAAAAAAAeII"}]}
+    )
+
+    items: list[ExchangeRecord] = Field(description="Newest first; with `q`, best match first.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class Percentiles(BaseModel):
+    p50: float
+    p90: float
+    p99: float
+
+
+class DayStats(BaseModel):
+    day: str = Field(description="UTC day the exchanges started on.")
+    model: str | None
+    count: int
+    ok: int
+    error: int
+    cancelled: int
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: Percentiles | None = Field(description="Nearest-rank percentiles; null when none was timed.")
+
+
+class StatsOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"days": [{"day": "2026-11-29", "model": "tinyllama:1.1b-chat", "count": 120, "ok": 114, "error": 4,
+                           "cancelled": 2, "prompt_tokens": 3080, "completion_tokens": 20211,
+                           "latency_ms": {"p50": 812.0, "p90": 1630.5, "p99": 2950.1}}]}
+            ]
+        }
+    )  # fmt: skip
+
+    days: list[DayStats] = Field(description="One entry per UTC day and model, oldest day first.")
+
+
+Since = Annotated[
+    datetime | None,
+    Query(description="Only exchanges that started at or after this time (ISO 8601; without a zone, UTC).",
+          examples=["2026-11-29T00:00:00Z"]),
+]  # fmt: skip
+Until = Annotated[
+    datetime | None,
+    Query(description="Only exchanges that started before this time (ISO 8601; without a zone, UTC).",
+          examples=["2026-11-30T00:00:00Z"]),
+]  # fmt: skip
+
+
+def _store(request: Request) -> HistoryStore:
+    return request.app.state.history
+
+
+@router.get("", response_model=HistoryPageOut, responses=_ERRORS)
+async def history(
+    request: Request,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=1000,
+            description='Words that must all appear in the prompt or the answer; `pre*` matches words starting '
+            'with `pre`; "two words" in double quotes match as a phrase. Best match first (more matches, in a '
+            "shorter exchange), among the newest 5,000 matches, then the next 5,000, and so on.",
+            examples=["gravity", "photo*", '"black hole" mass'],
+            json_schema_extra={"pattern": PAIRED_QUOTES},
+        ),
+    ] = None,
+    model: Annotated[str | None, Query(description="Only this model.", examples=["tinyllama:1.1b-chat"])] = None,
+    status: Annotated[Status | None, Query(description="Only exchanges that ended this way.")] = None,
+    endpoint: Annotated[Endpoint | None, Query(description="Only exchanges that came this way.")] = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="Exchanges per page.")] = 50,
+    cursor: Annotated[
+        str | None, Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page, as it came.")
+    ] = None,
+) -> OrjsonResponse:
+    """Every exchange, newest first, or the ones matching `q` best first; filters combine.
+
+    Pages never repeat or skip an exchange, even while new ones arrive: those join the first page of a
+    new search, not the pages of this one.
+    """
+    query = HistoryQuery(q=q, model=model, status=status, endpoint=endpoint, since=since,
+                         until=until, limit=limit, cursor=cursor)  # fmt: skip
+    page = await _store(request).search(query)
+    return OrjsonResponse({"items": page.items, "next_cursor": page.next_cursor})
+
+
+@router.get("/stats", response_model=StatsOut, responses=_ERRORS)
+async def history_stats(request: Request, since: Since = None, until: Until = None) -> OrjsonResponse:
+    """Per UTC day and model: exchanges by outcome, token sums and latency percentiles."""
+    return OrjsonResponse({"days": await _store(request).stats(since, until)})
+
+
+@router.get(
+    "/{exchange_id}",
+    response_model=ExchangeRecord,
+    responses={401: ERRORS[401], 404: {"model": ErrorBody, "description": "not_found: no exchange with that id"}},
+)
+async def history_exchange(
+    request: Request, exchange_id: Annotated[str, Path(description="The exchange's id (its X-Request-ID).")]
+) -> OrjsonResponse:
+    """One exchange, as the log recorded it (the latest, if a client reused the id)."""
+    record = await _store(request).get(exchange_id)
+    if record is None:
+        raise NotFound(f"no exchange with id {exchange_id!r} in the history; GET /history lists them")
+    return OrjsonResponse(record)
