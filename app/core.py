@@ -87,6 +87,11 @@ class Exchange:
     def text(self) -> str:
         return "".join(self.parts)
 
+    @property
+    def iso_ts(self) -> str:
+        """When the exchange started, as the log writes it: UTC, milliseconds, `Z`."""
+        return self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
     def result(self) -> dict[str, Any]:
         """The answer as REST returns it, and as the SSE/WS `done` events carry it."""
         completion = self.completion
@@ -107,7 +112,7 @@ class Exchange:
         error = self.error
         return ExchangeRecord(
             id=self.id,
-            ts=self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            ts=self.iso_ts,
             endpoint=self.endpoint,
             client=self.client,
             key_id=self.key_id,
@@ -321,7 +326,7 @@ class GenerationService:
             guard.inside = False
             if conversation_id is not None:
                 assert self.memory is not None
-                turn = Turn(request.prompt, exchange.text, exchange.id, exchange.ts.isoformat())
+                turn = Turn(request.prompt, exchange.text, exchange.id, exchange.iso_ts)
                 await self.memory.remember(conversation_id, turn, request.system)
         except asyncio.CancelledError:
             guard.inside = False
