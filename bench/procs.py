@@ -129,23 +129,26 @@ def start_minivault(
     name: str = "minivault",
     env: dict[str, str] | None = None,
     code: Path = ROOT,
+    target: str = "app.main:app",
 ) -> Served:
-    """MiniVault as the Dockerfile's CMD runs it, bound to loopback; `code` may be another version's tree."""
+    """MiniVault as the Dockerfile's CMD runs it, bound to loopback; `code` may be another version's tree,
+    `target` another ASGI app (bench/history_off.py)."""
     port = free_port()
     log = workdir / f"{name}.out"
     interactions = workdir / f"{name}.jsonl"
     interactions.unlink(missing_ok=True)
     environment = {**os.environ, "MINIVAULT_BACKEND": "ollama", "OLLAMA_BASE_URL": upstream,
                    "OLLAMA_MODEL": "bench:latest", "MINIVAULT_LOG_PATH": str(interactions),
+                   "MINIVAULT_DB_PATH": str(workdir / f"{name}.db"),
                    **WIDE_LIMITS, **(env or {})}  # fmt: skip
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
                *production_flags()]  # fmt: skip
     if workers > 1:
         command += ["--workers", str(workers)]
     with log.open("wb") as output:
         process = subprocess.Popen(command, cwd=code, env=environment, stdout=output, stderr=subprocess.STDOUT)
     wait_for_port(port, process)
-    served = Served(process, port, log, {"interactions": str(interactions)})
+    served = Served(process, port, log, {"interactions": str(interactions), "db": str(workdir / f"{name}.db")})
     if workers > 1:
         # Each worker opens its own socket listener; wait until all have finished their lifespan start-up.
         deadline = time.monotonic() + 60

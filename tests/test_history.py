@@ -2,9 +2,8 @@
 and GET /history, /history/{id}, /history/stats over real HTTP in front of the fake Ollama."""
 
 import sqlite3
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ from fastapi import FastAPI
 
 from app.main import create_app
 from app.schemas import ExchangeRecord, LoggedError
-from app.store import HistoryQuery
-from app.store.sqlite_history import SqliteHistory
+from app.store import HistoryQuery, sqlite_history
+from app.store.sqlite_history import HistoryUnavailable, SqliteHistory
 from tests.conftest import make_settings, read_log
 from tests.servers import RunningServer, serve_in_thread
 
@@ -87,6 +86,25 @@ async def test_search_takes_words_prefixes_and_phrases(store: SqliteHistory) -> 
     assert await ids(store, q="   ") == ["ex0005", "ex0004", "ex0003", "ex0002", "ex0001"]  # no words: no search
 
 
+async def test_ranked_pages_go_window_by_window_without_repeats(
+    store: SqliteHistory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_history, "RANK_WINDOW", 4)  # 11 matches: windows of the newest 4, 4, then 3
+    store.add_many([record(n, "gravity " * (n % 3 + 1) + f"n{n:02d}") for n in range(1, 12)])
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await store.search(HistoryQuery(q="gravity", limit=3, cursor=cursor))
+        seen += [item.id for item in page.items]
+        if (cursor := page.next_cursor) is None:
+            break
+
+    # Within a window: more matches first, then newest; the windows themselves newest first.
+    windows = [[11, 10, 9, 8], [7, 6, 5, 4], [3, 2, 1]]
+    expected = [n for window in windows for n in sorted(window, key=lambda n: (n % 3, n), reverse=True)]
+    assert seen == [f"ex{n:04d}" for n in expected]
+
+
 async def test_filters_combine_and_bound_the_start_time(store: SqliteHistory) -> None:
     store.add_many([
         record(1), record(2, model="llama3:latest"), record(3, status="error", error=LoggedError("backend_error", "x")),
@@ -108,6 +126,17 @@ async def test_filters_combine_and_bound_the_start_time(store: SqliteHistory) ->
     assert error == LoggedError("backend_error", "x")
 
 
+async def test_listing_is_by_start_time_even_for_exchanges_stored_later(store: SqliteHistory) -> None:
+    store.add_many([record(n) for n in (2, 4, 5)])
+    store.add_many([record(3), record(1)])  # a long answer finishing late, or an old line reindexed
+
+    assert await ids(store) == ["ex0005", "ex0004", "ex0003", "ex0002", "ex0001"]
+    page = await store.search(HistoryQuery(limit=2))
+    store.add_many([record(6), record(0)])  # arrivals after page one stay out of its later pages
+    rest = await store.search(HistoryQuery(limit=500, cursor=page.next_cursor))
+    assert [item.id for item in page.items + rest.items] == ["ex0005", "ex0004", "ex0003", "ex0002", "ex0001"]
+
+
 async def test_add_many_skips_exchanges_already_there_and_keeps_a_reused_id(tmp_path: Path) -> None:
     path = tmp_path / "history.db"
     records = [record(n) for n in range(1, 6)]
@@ -124,17 +153,73 @@ async def test_add_many_skips_exchanges_already_there_and_keeps_a_reused_id(tmp_
         assert await ids(reopened) == ["ex0001", "ex0006", "ex0005", "ex0004", "ex0003", "ex0002", "ex0001"]
         assert (await reopened.get("ex0001")).prompt == "again"  # type: ignore[union-attr]
         assert await reopened.get("nope") is None
-        assert reopened.read(lambda db: db.execute("PRAGMA user_version").fetchone()[0]) == 1
+        assert reopened.read(lambda db: db.execute("PRAGMA user_version").fetchone()[0]) == 2
     finally:
         reopened.close()
 
 
-async def test_stats_count_every_model_and_day_with_exact_percentiles(store: SqliteHistory) -> None:
+async def test_a_database_of_the_development_schema_is_emptied_and_made_anew(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    with closing(sqlite3.connect(path)) as old:
+        old.executescript("CREATE TABLE exchanges (seq INTEGER PRIMARY KEY, t_ms INTEGER); PRAGMA user_version = 1;")
+    history = SqliteHistory(path)
+    try:
+        assert history.add_many([record(1)]) == 1
+        assert await ids(history) == ["ex0001"]
+    finally:
+        history.close()
+    with closing(sqlite3.connect(path)) as newer:
+        newer.execute("PRAGMA user_version = 99")
+    with pytest.raises(HistoryUnavailable, match="made by a newer MiniVault"):
+        SqliteHistory(path)
+
+
+async def test_get_finds_an_id_exactly_whatever_its_punctuation_and_case(store: SqliteHistory) -> None:
+    names = ["req-1", "req.1", "REQ-1", "---", 'odd "quoted" id', "5f0c3f7e2b9d4c3e8a1b2c3d4e5f6a7b"]
+    store.add_many([record(n, id=name, prompt=f"prompt {n}") for n, name in enumerate(names, 1)])
+
+    for n, name in enumerate(names, 1):
+        found = await store.get(name)
+        assert found is not None and (found.id, found.prompt) == (name, f"prompt {n}")
+    assert await store.get("req") is None
+    assert await store.get("req-1-2") is None
+
+
+def test_the_database_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    history = SqliteHistory(tmp_path / "history.db")
+    history.add_many([record(1)])
+    try:
+        files = sorted(tmp_path.glob("history.db*"))
+        assert [file.name for file in files] == ["history.db", "history.db-shm", "history.db-wal"]
+        assert {file.name: file.stat().st_mode & 0o777 for file in files} == {file.name: 0o600 for file in files}
+    finally:
+        history.close()
+
+
+def within_one_percent(latency: dict[str, float] | None, expected: tuple[float, float, float]) -> bool:
+    """Latency percentiles come from 2% wide buckets: each within 1% of the exact nearest-rank value."""
+    assert latency is not None
+    return all(abs(latency[f"p{p}"] - value) <= value / 100 for p, value in zip((50, 90, 99), expected, strict=True))
+
+
+async def test_a_record_sqlite_cannot_hold_is_skipped_alone(
+    store: SqliteHistory, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [record(n) for n in range(1, 41)]
+    rows[20] = record(21, prompt_tokens=2**70)  # a log line can say anything; SQLite integers have 64 bits
+
+    assert store.add_many(rows) == 39
+
+    assert len(await ids(store)) == 39
+    assert await store.get("ex0021") is None
+    assert "exchange ex0021 cannot be stored" in caplog.text
+
+
+async def test_stats_count_every_model_and_day(store: SqliteHistory) -> None:
     rows = []
     for n in range(1, 101):  # day one, tinyllama: latencies 1..100 ms, every 10th an error, every 25th cancelled
         status = "error" if n % 10 == 0 else "cancelled" if n % 25 == 0 else "ok"
-        rows.append(record(n, status=status, prompt_tokens=2,
-                           completion_tokens=n, latency_ms=float(n)))  # fmt: skip
+        rows.append(record(n, status=status, prompt_tokens=2, completion_tokens=n, latency_ms=float(n)))
     for n in range(1, 11):  # day two, llama3 (latencies 10..100) and no model at all (a rejected request)
         rows.append(record(100 + n, ts=_iso(DAY + timedelta(days=1, hours=n)), model="llama3:latest",
                            prompt_tokens=5, completion_tokens=1, latency_ms=float(10 * n)))  # fmt: skip
@@ -145,20 +230,26 @@ async def test_stats_count_every_model_and_day_with_exact_percentiles(store: Sql
 
     stats = await store.stats()
 
-    assert stats == [
+    counts = [{key: value for key, value in day.items() if key != "latency_ms"} for day in stats]
+    assert counts == [
         {"day": "2026-11-29", "model": "tinyllama:1.1b-chat", "count": 100, "ok": 88, "error": 10, "cancelled": 2,
-         "prompt_tokens": 200, "completion_tokens": 5050, "latency_ms": {"p50": 50.0, "p90": 90.0, "p99": 99.0}},
+         "prompt_tokens": 200, "completion_tokens": 5050},
         {"day": "2026-11-30", "model": None, "count": 1, "ok": 0, "error": 1, "cancelled": 0,
-         "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": None},
+         "prompt_tokens": 0, "completion_tokens": 0},
         {"day": "2026-11-30", "model": "llama3:latest", "count": 10, "ok": 10, "error": 0, "cancelled": 0,
-         "prompt_tokens": 50, "completion_tokens": 10, "latency_ms": {"p50": 50.0, "p90": 90.0, "p99": 100.0}},
+         "prompt_tokens": 50, "completion_tokens": 10},
     ]  # fmt: skip
+    assert within_one_percent(stats[0]["latency_ms"], (50, 90, 99))
+    assert stats[1]["latency_ms"] is None
+    assert within_one_percent(stats[2]["latency_ms"], (50, 90, 100))
     # Bounds inside a day count that day's part only (exchanges 91..100 of day one; llama3's first 3 hours).
     part = await store.stats(since=DAY + timedelta(minutes=91), until=DAY + timedelta(days=1, hours=3, minutes=30))
-    assert [(d["day"], d["model"], d["count"], d["error"], d["completion_tokens"], d["latency_ms"]) for d in part] == [
-        ("2026-11-29", "tinyllama:1.1b-chat", 10, 1, sum(range(91, 101)), {"p50": 95.0, "p90": 99.0, "p99": 100.0}),
-        ("2026-11-30", "llama3:latest", 3, 0, 3, {"p50": 20.0, "p90": 30.0, "p99": 30.0}),
-    ]  # fmt: skip
+    assert [(d["day"], d["model"], d["count"], d["error"], d["completion_tokens"]) for d in part] == [
+        ("2026-11-29", "tinyllama:1.1b-chat", 10, 1, sum(range(91, 101))),
+        ("2026-11-30", "llama3:latest", 3, 0, 3),
+    ]
+    assert within_one_percent(part[0]["latency_ms"], (95, 99, 100))
+    assert within_one_percent(part[1]["latency_ms"], (20, 30, 30))
     assert await store.stats(since=DAY + timedelta(days=1), until=DAY + timedelta(days=2)) == stats[1:]
     assert await store.stats(since=DAY, until=DAY) == []
 
@@ -187,7 +278,7 @@ async def test_a_failed_batch_is_kept_and_written_once_the_database_is_free(tmp_
 
 
 class Served:
-    """MiniVault with its history, served for real; `writes()` adds exchanges through the gateway itself."""
+    """MiniVault with its history, served for real, and a client for it."""
 
     def __init__(self, app: FastAPI, server: RunningServer, client: httpx.Client) -> None:
         self.app, self.server, self.client = app, server, client
@@ -202,6 +293,7 @@ class Served:
 
     def flush(self) -> None:
         assert self.app.state.history.flush(10)
+        assert self.app.state.interaction_log.flush(10)
 
 
 @pytest.fixture
@@ -254,6 +346,7 @@ def test_an_unknown_id_is_404_not_found(served: Served) -> None:
         ({"limit": 501}, "query.limit: "),
         ({"cursor": "not-a-cursor"}, "query.cursor: "),
         ({"since": "yesterday"}, "query.since: "),
+        ({"until": "1764400000"}, "query.until: must be an ISO 8601 date"),  # not seconds since 1970
         ({"status": "fine"}, "query.status: "),
         ({"endpoint": "grpc"}, "query.endpoint: "),
         ({"q": "x" * 1001}, "query.q: "),
@@ -286,7 +379,7 @@ def test_stats_over_http_match_the_exchanges_made(served: Served) -> None:
     for entry in days:
         latency = entry["latency_ms"]
         assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] < 10_000
-    assert served.get("/history/stats", until="2000-01-01T00:00:00Z").json() == {"days": []}
+    assert served.get("/history/stats", until="2000-01-01").json() == {"days": []}  # a bare date: its midnight
 
 
 def _all_pages(served: Served, between: Any, **params: Any) -> list[str]:

@@ -1,17 +1,18 @@
 """GET /history (search and filter every exchange), GET /history/{id}, GET /history/stats."""
 
-from datetime import datetime
+import re
+from datetime import UTC, date, datetime, time
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.errors import NotFound
 from app.responses import OrjsonResponse
 from app.routes.generate import ERRORS
 from app.schemas import Endpoint, ErrorBody, ExchangeRecord, Status
 from app.store import HistoryQuery, HistoryStore
-from app.store.sqlite_history import CURSOR_PATTERN, PAIRED_QUOTES
+from app.store.sqlite_history import CURSOR_PATTERN, PAIRED_QUOTES, RANK_WINDOW
 
 router = APIRouter(prefix="/history", tags=["history"])
 
@@ -33,7 +34,9 @@ class HistoryPageOut(BaseModel):
     """One page of exchanges, as the log records them."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"items": [_RECORD_EXAMPLE], "next_cursor": "AAAAAAAB4kA_88CDEm6XjQAAAAAAAeII"}]}
+        json_schema_extra={
+            "examples": [{"items": [_RECORD_EXAMPLE], "next_cursor": "AAAAAAAB4kA_88CDEm6XjQAAAAAAAeII"}]
+        }
     )
 
     items: list[ExchangeRecord] = Field(description="Newest first; with `q`, best match first.")
@@ -55,7 +58,10 @@ class DayStats(BaseModel):
     cancelled: int
     prompt_tokens: int
     completion_tokens: int
-    latency_ms: Percentiles | None = Field(description="Nearest-rank percentiles; null when none was timed.")
+    latency_ms: Percentiles | None = Field(
+        description="Nearest-rank percentiles, each within 1% (they are read off 2% wide buckets); null when none "
+        "was timed."
+    )
 
 
 class StatsOut(BaseModel):
@@ -72,16 +78,35 @@ class StatsOut(BaseModel):
     days: list[DayStats] = Field(description="One entry per UTC day and model, oldest day first.")
 
 
+_ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d([Tt ]\d\d:\d\d(:\d\d(\.\d+)?)?([Zz]|[+-]\d\d:?\d\d)?)?")
+
+
+def _iso_time(value: object) -> object:
+    """ISO 8601 only: pydantic alone would also take `0.5` (seconds since 1970)."""
+    if isinstance(value, str) and not _ISO_TIME.fullmatch(value):
+        raise ValueError("must be an ISO 8601 date, or date and time, like 2026-11-29 or 2026-11-29T08:00:00Z")
+    return value
+
+
+def _moment(value: datetime | date | None) -> datetime | None:
+    """A bare date is its midnight, UTC."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.combine(value, time(), UTC)
+
+
+_ZONE = "ISO 8601; without a zone, UTC; a bare date is its midnight"
 Since = Annotated[
-    datetime | None,
-    Query(description="Only exchanges that started at or after this time (ISO 8601; without a zone, UTC).",
+    datetime | date | None,
+    BeforeValidator(_iso_time),
+    Query(description=f"Only exchanges that started at or after this time ({_ZONE}).",
           examples=["2026-11-29T00:00:00Z"]),
 ]  # fmt: skip
 Until = Annotated[
-    datetime | None,
-    Query(description="Only exchanges that started before this time (ISO 8601; without a zone, UTC).",
-          examples=["2026-11-30T00:00:00Z"]),
-]  # fmt: skip
+    datetime | date | None,
+    BeforeValidator(_iso_time),
+    Query(description=f"Only exchanges that started before this time ({_ZONE}).", examples=["2026-11-30T00:00:00Z"]),
+]
 
 
 def _store(request: Request) -> HistoryStore:
@@ -95,9 +120,9 @@ async def history(
         str | None,
         Query(
             max_length=1000,
-            description='Words that must all appear in the prompt or the answer; `pre*` matches words starting '
+            description="Words that must all appear in the prompt or the answer; `pre*` matches words starting "
             'with `pre`; "two words" in double quotes match as a phrase. Best match first (more matches, in a '
-            "shorter exchange), among the newest 5,000 matches, then the next 5,000, and so on.",
+            f"shorter exchange), among the newest {RANK_WINDOW:,} matches, then the next {RANK_WINDOW:,}, and so on.",
             examples=["gravity", "photo*", '"black hole" mass'],
             json_schema_extra={"pattern": PAIRED_QUOTES},
         ),
@@ -117,8 +142,8 @@ async def history(
     Pages never repeat or skip an exchange, even while new ones arrive: those join the first page of a
     new search, not the pages of this one.
     """
-    query = HistoryQuery(q=q, model=model, status=status, endpoint=endpoint, since=since,
-                         until=until, limit=limit, cursor=cursor)  # fmt: skip
+    query = HistoryQuery(q=q, model=model, status=status, endpoint=endpoint, since=_moment(since),
+                         until=_moment(until), limit=limit, cursor=cursor)  # fmt: skip
     page = await _store(request).search(query)
     return OrjsonResponse({"items": page.items, "next_cursor": page.next_cursor})
 
@@ -126,7 +151,7 @@ async def history(
 @router.get("/stats", response_model=StatsOut, responses=_ERRORS)
 async def history_stats(request: Request, since: Since = None, until: Until = None) -> OrjsonResponse:
     """Per UTC day and model: exchanges by outcome, token sums and latency percentiles."""
-    return OrjsonResponse({"days": await _store(request).stats(since, until)})
+    return OrjsonResponse({"days": await _store(request).stats(_moment(since), _moment(until))})
 
 
 @router.get(

@@ -1,9 +1,15 @@
 """The exchange history in SQLite: every finished exchange, searchable (FTS5), paged, and summed per day.
 
-Writes never touch the event loop: `consume` only queues the record, and one writer thread inserts
-what has gathered in one transaction (the full-text index and the per-day counts are updated by one
-statement per batch, which keeps FTS5 fast). Reads run in worker threads, each on a connection of
-its own; WAL mode lets them read while the writer writes, in this process or another worker's.
+Writes never touch the event loop: `consume` only queues the row, and one writer thread inserts what
+has gathered (for up to `linger` seconds) in one transaction; the full-text index and the per-day
+tables are updated by one statement each per batch, which keeps FTS5 fast. Reads run in worker
+threads, each on a connection of its own; WAL mode lets them read while the writer writes, in this
+process or another worker's.
+
+Listing is newest first (start time, then id) and searching best match first (`_ranked`); a cursor
+pins the page to the exchanges there when page one was read, so pages never repeat or skip one.
+Per-day counts, token sums and latency buckets are kept as rows arrive, so stats never scan exchanges
+(except the partial days at the ends of since..until).
 
 `logs/log.jsonl` stays the source of truth: `minivault logs reindex` refills this database from it
 through `add_many`, which works without the writer thread and skips exchanges already there.
@@ -14,15 +20,16 @@ import base64
 import binascii
 import logging
 import math
+import os
 import queue
 import re
 import sqlite3
 import struct
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,14 +43,16 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 1 was a development version (commit 7560f2c): its tables are dropped and made again, and
+# `minivault logs reindex` refills them from the log.
+_DROP_V1 = [f"DROP TABLE IF EXISTS {table}" for table in ("exchanges_text", "exchange_days", "exchanges")]
 # Plain statements (no executescript: it would commit the migration's transaction half-way).
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS exchanges (
         seq INTEGER PRIMARY KEY,
         id TEXT NOT NULL,
         ts TEXT NOT NULL,
-        t_ms INTEGER,
         day TEXT,
         endpoint TEXT NOT NULL,
         client TEXT,
@@ -65,19 +74,27 @@ _SCHEMA = [
         completion_tokens INTEGER,
         queue_ms REAL,
         ttft_ms REAL,
-        latency_ms REAL
+        latency_ms REAL,
+        latency_bucket INTEGER
     )""",
-    # An exchange is its id and start time: clients may choose ids (X-Request-ID, websocket `id`) and reuse
+    # An exchange is its start time and id: clients may choose ids (X-Request-ID, websocket `id`) and reuse
     # them, and a second exchange under an old id is not a duplicate; a line read twice (reindex) is.
-    "CREATE UNIQUE INDEX IF NOT EXISTS exchanges_by_id ON exchanges (id, ts)",
-    "CREATE INDEX IF NOT EXISTS exchanges_by_model ON exchanges (model, seq)",
-    "CREATE INDEX IF NOT EXISTS exchanges_by_status ON exchanges (status, seq)",
-    "CREATE INDEX IF NOT EXISTS exchanges_by_time ON exchanges (t_ms)",
-    "CREATE INDEX IF NOT EXISTS exchanges_by_latency ON exchanges (day, model, latency_ms)",
-    # External content: the texts live once, in `exchanges`; the index holds only the words.
+    # Start times grow (nearly) with every insert, so this index is appended to, not written all over;
+    # it also serves since/until (`ts` is stored as UTC "YYYY-MM-DDTHH:MM:SS.mmmZ", which sorts as text).
+    "CREATE UNIQUE INDEX IF NOT EXISTS exchanges_by_start ON exchanges (ts, id)",
+    "CREATE INDEX IF NOT EXISTS exchanges_by_model ON exchanges (model, ts)",
+    "CREATE INDEX IF NOT EXISTS exchanges_by_status ON exchanges (status, ts)",
+    # External content: the texts live once, in `exchanges`; the index holds only the words (and no
+    # per-row sizes: those serve bm25, which the ranking does not use, see `_score`). It indexes the
+    # id too, for GET /history/{id}: ids are random, and a B-tree index on them would take a page write per
+    # insert (half the writer's time), where FTS5 gathers new entries into segments it merges later.
     """CREATE VIRTUAL TABLE IF NOT EXISTS exchanges_text USING fts5 (
-        prompt, response, content = 'exchanges', content_rowid = 'seq', tokenize = 'unicode61 remove_diacritics 2'
+        prompt, response, id, content = 'exchanges', content_rowid = 'seq', columnsize = 0,
+        tokenize = 'unicode61 remove_diacritics 2'
     )""",
+    # Up to 8 segments per level before FTS5 merges them (4 by default): a third less indexing work per
+    # exchange, for a little more reading per search.
+    "INSERT INTO exchanges_text (exchanges_text, rank) VALUES ('automerge', 8)",
     # One row per UTC day and model ('' for none), kept up to date by every insert: /history/stats reads these.
     """CREATE TABLE IF NOT EXISTS exchange_days (
         day TEXT NOT NULL,
@@ -88,32 +105,51 @@ _SCHEMA = [
         cancelled INTEGER NOT NULL,
         prompt_tokens INTEGER NOT NULL,
         completion_tokens INTEGER NOT NULL,
-        latencies INTEGER NOT NULL,
         PRIMARY KEY (day, model)
+    ) WITHOUT ROWID""",
+    # Latencies per day and model in 2% wide buckets (bucket b holds 1.02**b <= ms < 1.02**(b+1)): the
+    # percentiles of any number of exchanges from a few hundred rows, within 1%.
+    """CREATE TABLE IF NOT EXISTS exchange_latencies (
+        day TEXT NOT NULL,
+        model TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (day, model, bucket)
     ) WITHOUT ROWID""",
 ]
 _COLUMNS = (
-    "id, ts, t_ms, day, endpoint, client, key_id, conversation_id, backend, model, prompt, system, options, "
+    "id, ts, day, endpoint, client, key_id, conversation_id, backend, model, prompt, system, options, "
     "response, prompt_chars, response_chars, status, error_code, error_message, done_reason, prompt_tokens, "
-    "completion_tokens, queue_ms, ttft_ms, latency_ms"
+    "completion_tokens, queue_ms, ttft_ms, latency_ms, latency_bucket"
 )
-_INSERT = f"INSERT OR IGNORE INTO exchanges ({_COLUMNS}) VALUES ({', '.join('?' * 25)})"
+# Rows go in 32 at a time, one statement each: SQLite then works without the GIL for the whole chunk,
+# where executemany() would take the GIL back for every row (and the event loop would wait for it).
+_CHUNKS = (32, 8, 1)  # 32 rows are 800 parameters: under 999, the limit of SQLite before 3.32
+_INSERTS = {
+    size: f"INSERT OR IGNORE INTO exchanges ({_COLUMNS}) VALUES " + ", ".join([f"({', '.join('?' * 25)})"] * size)
+    for size in _CHUNKS
+}
 # Run once per batch over the rows the batch added (seq > the largest before it); NOT INDEXED keeps the
-# planner on that rowid range (an index on `day` would otherwise tempt it into a full scan).
+# planner on that rowid range (an index that orders the GROUP BY could tempt it into a full scan).
 _INDEX_TEXT = (
-    "INSERT INTO exchanges_text (rowid, prompt, response) SELECT seq, prompt, response FROM exchanges NOT INDEXED "
-    "WHERE seq > ? AND (prompt IS NOT NULL OR response IS NOT NULL)"
+    "INSERT INTO exchanges_text (rowid, prompt, response, id) SELECT seq, prompt, response, id "
+    "FROM exchanges NOT INDEXED WHERE seq > ?"
 )
 _COUNT_DAYS = """
     INSERT INTO exchange_days
     SELECT day, COALESCE(model, ''), count(*), count(status = 'ok' OR NULL), count(status = 'error' OR NULL),
-           count(status = 'cancelled' OR NULL), COALESCE(sum(prompt_tokens), 0), COALESCE(sum(completion_tokens), 0),
-           count(latency_ms)
+           count(status = 'cancelled' OR NULL), COALESCE(sum(prompt_tokens), 0), COALESCE(sum(completion_tokens), 0)
     FROM exchanges NOT INDEXED WHERE seq > ? AND day IS NOT NULL GROUP BY day, COALESCE(model, '')
     ON CONFLICT (day, model) DO UPDATE SET
         count = count + excluded.count, ok = ok + excluded.ok, error = error + excluded.error,
         cancelled = cancelled + excluded.cancelled, prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = completion_tokens + excluded.completion_tokens, latencies = latencies + excluded.latencies
+        completion_tokens = completion_tokens + excluded.completion_tokens
+"""
+_COUNT_LATENCIES = """
+    INSERT INTO exchange_latencies
+    SELECT day, COALESCE(model, ''), latency_bucket, count(*) FROM exchanges NOT INDEXED
+    WHERE seq > ? AND day IS NOT NULL AND latency_bucket IS NOT NULL GROUP BY day, COALESCE(model, ''), latency_bucket
+    ON CONFLICT (day, model, bucket) DO UPDATE SET count = count + excluded.count
 """
 _RECORD_COLUMNS = (
     "e.seq, e.id, e.ts, e.endpoint, e.client, e.key_id, e.conversation_id, e.backend, e.model, e.prompt, e.system, "
@@ -122,9 +158,11 @@ _RECORD_COLUMNS = (
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+_CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 _DAY_MS = 86_400_000
 _BATCH = 2000  # records per transaction, at most
-# Cursor: (window top, score, seq) packed big-endian: 24 bytes, 32 base64url characters. Every
+_READ_FLUSH_TIMEOUT = 5.0
+# Cursor: (snapshot or window top, score, seq) packed big-endian: 24 bytes, 32 base64url characters. Every
 # 32-character base64url string decodes to some cursor, so the documented pattern is the whole check.
 _CURSOR = struct.Struct(">qdq")
 CURSOR_PATTERN = "^[A-Za-z0-9_-]{32}$"
@@ -132,8 +170,15 @@ _CURSOR_RE = re.compile(CURSOR_PATTERN)
 # What `q` may be: double quotes in pairs (JSON Schema's regex dialect reads this one as Python does).
 PAIRED_QUOTES = '^[^"]*("[^"]*"[^"]*)*$'
 PERCENTILES = (50, 90, 99)
+_LOG_STEP = math.log(1.02)
+_SMALLEST_MS = 0.001
+_WORD = re.compile(r"[^\W_]")  # a character FTS5's tokenizer keeps
 RANK_WINDOW = 5000  # with `q`, matches ranked together (newest first)
 _K1, _B, _TYPICAL_CHARS = 1.2, 0.75, 1000.0
+
+
+class HistoryUnavailable(Exception):
+    """The database file cannot be opened or created; the message says which and why."""
 
 
 class SqliteHistory:
@@ -150,7 +195,7 @@ class SqliteHistory:
         db_path: Path,
         keep_text: bool = True,
         *,
-        linger: float = 0.05,
+        linger: float = 0.5,
         max_pending: int = 100_000,
         busy_timeout_ms: int = 10_000,
     ) -> None:
@@ -163,20 +208,32 @@ class SqliteHistory:
         self._linger = linger
         self._max_pending = max_pending
         self._busy_timeout_ms = busy_timeout_ms
-        self._records: deque[ExchangeRecord] = deque()
-        self._pending: list[tuple[Any, ...]] = []
+        self._records: deque[tuple[Any, ...]] = deque()  # rows waiting for the writer
+        self._pending: list[tuple[Any, ...]] = []  # rows taken by the writer (kept when a write fails)
         self._flush_requests: deque[threading.Event] = deque()
         self._wakeup = threading.Event()
+        self._hurry = threading.Event()
         self._stopping = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="minivault-history-writer", daemon=True)
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # the connection, and the pending rows
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = self._connect()
-        _migrate(self._db)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Readable by its owner only, like the log it mirrors; SQLite gives -wal and -shm the same mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._db = self._connect()
+        except (OSError, sqlite3.Error) as exc:
+            raise HistoryUnavailable(
+                f"cannot open the history database {self.path} ({exc}); set MINIVAULT_DB_PATH to a writable file"
+            ) from exc
+        try:
+            _migrate(self._db)
+        except BaseException:
+            self._db.close()
+            raise
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -184,17 +241,27 @@ class SqliteHistory:
         self._thread.start()
 
     def consume(self, record: ExchangeRecord) -> None:
-        """Take a finished exchange (the generation service calls this on the event loop)."""
-        self._records.append(record)
+        """Take a finished exchange (the generation service calls this on the event loop).
+
+        The row is made here, as the JSONL log encodes its line on the loop: the writer thread then does
+        almost no Python work per record, so it seldom holds the GIL while the event loop wants it.
+        """
+        try:
+            row = row_of(record, self.keep_text)
+        except TypeError as exc:  # options orjson cannot encode: not storable, and not worth a retry
+            logger.error("history %s: exchange %s cannot be stored (%s)", self.path, record.id, exc)
+            return
+        self._records.append(row)
         if not self._wakeup.is_set():  # one wake-up per batch, not per record
             self._wakeup.set()
 
     def add_many(self, records: Iterable[ExchangeRecord]) -> int:
-        """Insert the records not there yet (by id), in transactions of up to 2,000; returns how many were new."""
+        """Insert the records not there yet (same id and start time), in transactions of up to 20,000;
+        returns how many were new. Blocking, and needs no `start()` (the reindex command's way)."""
         new = 0
         batch: list[tuple[Any, ...]] = []
         for record in records:
-            batch.append(self._row(record))
+            batch.append(row_of(record, self.keep_text))
             if len(batch) >= _BATCH * 10:
                 new += self._insert(batch)
                 batch = []
@@ -215,6 +282,7 @@ class SqliteHistory:
         done = threading.Event()
         self._flush_requests.append(done)
         self._wakeup.set()
+        self._hurry.set()
         return done.wait(timeout)
 
     async def aclose(self) -> None:
@@ -226,6 +294,7 @@ class SqliteHistory:
         if self._thread.is_alive():
             self._stopping = True
             self._wakeup.set()
+            self._hurry.set()
             self._thread.join()
         else:
             self._write_queued()
@@ -241,8 +310,10 @@ class SqliteHistory:
         while True:
             self._wakeup.wait()
             if self._linger and not (self._stopping or self._flush_requests):
-                # Gather a burst into one transaction: each commit costs FTS5 a segment to merge later.
-                time.sleep(self._linger)
+                # Gather a burst into one transaction (each commit costs FTS5 a segment to merge later);
+                # a flush or close cuts the wait short.
+                self._hurry.wait(self._linger)
+            self._hurry.clear()
             self._wakeup.clear()
             answered = [self._flush_requests.popleft() for _ in range(len(self._flush_requests))]
             self._write_queued()
@@ -254,22 +325,28 @@ class SqliteHistory:
             logger.error("history %s: %d exchanges could not be written", self.path, len(self._pending))
 
     def _write_queued(self) -> None:
-        """Write every queued record, in transactions of up to _BATCH, keeping a failed batch for later."""
+        with self._write_lock:
+            self._write_queued_locked()
+
+    def _write_queued_locked(self) -> None:
+        """Write the records queued so far, in transactions of up to _BATCH, keeping a failed batch for later.
+
+        Records arriving meanwhile wait for the next round (and its linger): chasing them would turn a
+        busy server's history into a stream of tiny transactions, each costing a commit and an FTS5 segment.
+        """
         records = self._records
-        while records or self._pending:
-            count = min(len(records), _BATCH)
-            for _ in range(count):
-                try:
-                    self._pending.append(self._row(records.popleft()))
-                except (TypeError, ValueError) as exc:  # a record orjson cannot encode: not worth a retry
-                    logger.error("history %s: an exchange could not be stored (%s)", self.path, exc)
+        remaining = len(records)
+        while remaining or self._pending:
+            count = min(remaining, _BATCH)
+            remaining -= count
+            self._pending.extend([records.popleft() for _ in range(count)])
             excess = len(self._pending) - self._max_pending
             if excess > 0:
                 self.records_dropped += excess
                 del self._pending[:excess]
             try:
                 self._insert(self._pending)
-            except sqlite3.Error as exc:
+            except Exception as exc:  # sqlite3.Error mostly (locked, disk full); the batch is kept either way
                 if not self.failing:
                     logger.error("history %s: write failed (%s); will retry with the next batch", self.path, exc)
                 self.failing = True
@@ -288,10 +365,11 @@ class SqliteHistory:
             db.execute("BEGIN IMMEDIATE")
             try:
                 last = db.execute("SELECT COALESCE(MAX(seq), 0) FROM exchanges").fetchone()[0]
-                new = db.executemany(_INSERT, rows).rowcount
+                new = self._insert_rows(db, rows)
                 if new:
                     db.execute(_INDEX_TEXT, (last,))
                     db.execute(_COUNT_DAYS, (last,))
+                    db.execute(_COUNT_LATENCIES, (last,))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -299,8 +377,27 @@ class SqliteHistory:
                 raise
             return new
 
-    def _row(self, record: ExchangeRecord) -> tuple[Any, ...]:
-        return row_of(record, self.keep_text)
+    def _insert_rows(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+        new = start = 0
+        for size in _CHUNKS:
+            sql = _INSERTS[size]
+            while len(rows) - start >= size:
+                chunk = rows[start : start + size]
+                start += size
+                try:
+                    new += db.execute(sql, list(chain.from_iterable(chunk))).rowcount
+                except (OverflowError, sqlite3.InterfaceError):  # a value SQLite cannot hold: skip its row only
+                    new += self._insert_one_by_one(db, chunk)
+        return new
+
+    def _insert_one_by_one(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+        new = 0
+        for row in rows:
+            try:
+                new += db.execute(_INSERTS[1], row).rowcount
+            except (OverflowError, sqlite3.InterfaceError) as exc:
+                logger.error("history %s: exchange %s cannot be stored (%s)", self.path, row[0], exc)
+        return new
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -311,8 +408,15 @@ class SqliteHistory:
 
     async def get(self, exchange_id: str) -> ExchangeRecord | None:
         def read(db: sqlite3.Connection) -> ExchangeRecord | None:
-            row = db.execute(f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE e.id = ? ORDER BY e.seq DESC LIMIT 1",
-                (exchange_id,),).fetchone()
+            # The id as a phrase finds the candidates (FTS5 folds case and splits at punctuation); `=` picks it.
+            if _WORD.search(exchange_id):
+                sql = (f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE e.seq IN (SELECT rowid FROM exchanges_text "
+                       "WHERE exchanges_text MATCH ?) AND e.id = ? ORDER BY e.seq DESC LIMIT 1")  # fmt: skip
+                phrase = exchange_id.replace('"', '""')
+                row = db.execute(sql, (f'id : "{phrase}"', exchange_id)).fetchone()
+            else:  # an id of punctuation only has no words to look up: read the table through
+                sql = f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE e.id = ? ORDER BY e.seq DESC LIMIT 1"
+                row = db.execute(sql, (exchange_id,)).fetchone()
             return _record(row) if row else None
 
         return await self._read(read)
@@ -339,7 +443,14 @@ class SqliteHistory:
             self._readers.put(db)
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.to_thread(self.read, work)
+        return await asyncio.to_thread(self._read_own_writes, work)
+
+    def _read_own_writes(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        # What this process has consumed is written first, so an answer just given is in the history
+        # (rather than up to `linger` later); reads are rare next to writes, so batches stay large.
+        if self._records or self._pending:
+            self.flush(_READ_FLUSH_TIMEOUT)
+        return self.read(work)
 
     def _connect(self, read_only: bool = False) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -351,19 +462,28 @@ class SqliteHistory:
             db.execute("PRAGMA journal_mode = WAL")
             # The log is the durable record; the history may lose its last batch to a power cut (reindex refills it).
             db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA journal_size_limit = 67108864")  # the WAL shrinks back to 64 MB after a checkpoint
         return db
 
 
 def _migrate(db: sqlite3.Connection) -> None:
     """Create the tables on first use; PRAGMA user_version is the history schema's version."""
-    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise HistoryUnavailable(f"cannot write to the history database ({exc})") from exc
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise HistoryUnavailable(
                 f"the history database was made by a newer MiniVault (schema {version}, this one knows "
                 f"{SCHEMA_VERSION}); use that version, or move the file away and run `minivault logs reindex`"
             )
+        if version == 1:
+            logger.warning("history: the database has a development schema; emptied it (`minivault logs reindex` "
+                           "refills it from the log)")  # fmt: skip
+            for statement in _DROP_V1:
+                db.execute(statement)
         if version < SCHEMA_VERSION:
             for statement in _SCHEMA:
                 db.execute(statement)
@@ -376,11 +496,11 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 def row_of(record: ExchangeRecord, keep_text: bool = True) -> tuple[Any, ...]:
     """The record as an `exchanges` row, in _COLUMNS order."""
-    t_ms, day = _time_of(record.ts)
+    ts, day = _start_of(record.ts)
     error = record.error
     options = record.options
     return (
-        record.id, record.ts, t_ms, day, record.endpoint, record.client, record.key_id, record.conversation_id,
+        record.id, ts, day, record.endpoint, record.client, record.key_id, record.conversation_id,
         record.backend, record.model,
         record.prompt if keep_text else None,
         record.system if keep_text else None,
@@ -390,28 +510,52 @@ def row_of(record: ExchangeRecord, keep_text: bool = True) -> tuple[Any, ...]:
         error.code if error is not None else None,
         error.message if error is not None else None,
         record.done_reason, record.prompt_tokens, record.completion_tokens,
-        record.queue_ms, record.ttft_ms, record.latency_ms,
+        record.queue_ms, record.ttft_ms, record.latency_ms, _bucket(record.latency_ms),
     )  # fmt: skip
 
 
-def _time_of(ts: str) -> tuple[int | None, str | None]:
-    """Unix milliseconds and UTC day of a record's `ts`; (None, None) when it is not an ISO time."""
+def _bucket(latency_ms: float | None) -> int | None:
+    if latency_ms is None:
+        return None
+    return math.floor(math.log(max(latency_ms, _SMALLEST_MS)) / _LOG_STEP)
+
+
+def _start_of(ts: str) -> tuple[str, str | None]:
+    """A record's `ts` as stored (UTC, "YYYY-MM-DDTHH:MM:SS.mmmZ", as MiniVault writes it) and its UTC day;
+    another ISO form is converted, and a `ts` that is not a time is kept as it is, with no day."""
+    if _CANONICAL_TS.fullmatch(ts):
+        return ts, ts[:10]
     try:
         moment = datetime.fromisoformat(ts)
     except ValueError:
-        return None, None
+        return ts, None
+    canonical = _ts_text(moment)
+    return canonical, canonical[:10]
+
+
+def _ts_text(moment: datetime) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    ms = (moment - _EPOCH) // _MS
-    return ms, moment.astimezone(UTC).date().isoformat()
+    m = moment.astimezone(UTC)
+    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
+            f"{m.microsecond // 1000:03d}Z")  # fmt: skip
 
 
 def epoch_ms(moment: datetime) -> int:
-    """A bound for `t_ms`, rounded up to the millisecond (naive times are UTC)."""
+    """A bound on start times in Unix milliseconds, rounded up (naive times are UTC)."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     whole, rest = divmod(moment - _EPOCH, _MS)
     return whole + (1 if rest else 0)
+
+
+def _ms_text(ms: int) -> str:
+    """Unix milliseconds as a stored `ts`, for comparing with it (beyond the years 1-9999: a text before
+    or after every `ts`)."""
+    try:
+        return _ts_text(_EPOCH + timedelta(milliseconds=ms))
+    except OverflowError:
+        return "" if ms < 0 else "\uffff"
 
 
 def _record(row: tuple[Any, ...]) -> ExchangeRecord:
@@ -446,12 +590,14 @@ def fts_query(q: str) -> str | None:
             'q: has an unpaired double quote; a phrase goes between two quotes, like "black hole" (or leave quotes out)'
         )
     terms = []
+    phrase = False  # the segment before was a phrase
     for index, segment in enumerate(q.split('"')):
         if index % 2:  # between quotes: one phrase, a prefix when a `*` follows the closing quote
-            if segment.strip():
+            phrase = bool(segment.strip())
+            if phrase:
                 terms.append(f'"{segment}"')
             continue
-        if index and segment.startswith("*") and terms and terms[-1].endswith('"'):
+        if phrase and segment.startswith("*"):
             terms[-1] += "*"
             segment = segment[1:]
         for word in segment.split():
@@ -459,16 +605,17 @@ def fts_query(q: str) -> str | None:
             word = word.rstrip("*")
             if word:
                 terms.append(f'"{word}"*' if prefix else f'"{word}"')
-    return " ".join(terms) or None
+    return f"{{prompt response}} : ({' '.join(terms)})" if terms else None
 
 
-def encode_cursor(window: int, score: float, seq: int) -> str:
-    """The next page starts after `seq` (with `q`: after (score, seq) in the window of matches up to `window`)."""
-    return base64.urlsafe_b64encode(_CURSOR.pack(window, score, seq)).decode()
+def encode_cursor(bound: int, score: float, seq: int) -> str:
+    """The next page starts after exchange `seq`. Without `q`, `bound` is the newest seq when page one was
+    read; with `q`, the top of the window `seq` is ranked in, and `score` its score there."""
+    return base64.urlsafe_b64encode(_CURSOR.pack(bound, score, seq)).decode()
 
 
 def decode_cursor(cursor: str) -> tuple[int, float, int]:
-    """(window, score, seq) from a cursor; InvalidRequest when it is not one this API gave out."""
+    """(bound, score, seq) from a cursor; InvalidRequest when it is not one this API gave out."""
     try:
         if not _CURSOR_RE.fullmatch(cursor):
             raise ValueError
@@ -485,11 +632,11 @@ def _filters(query: HistoryQuery) -> tuple[list[str], list[Any]]:
             where.append(f"e.{column} = ?")
             params.append(value)
     if query.since is not None:
-        where.append("e.t_ms >= ?")
-        params.append(epoch_ms(query.since))
+        where.append("e.ts >= ?")
+        params.append(_ms_text(epoch_ms(query.since)))
     if query.until is not None:
-        where.append("e.t_ms < ?")
-        params.append(epoch_ms(query.until))
+        where.append("e.ts < ?")
+        params.append(_ms_text(epoch_ms(query.until)))
     return where, params
 
 
@@ -499,14 +646,24 @@ def _search(db: sqlite3.Connection, query: HistoryQuery, match: str | None, curs
     limit = query.limit
     if match is not None:
         return _ranked(db, match, where, params, limit, cursor)
-    if cursor is not None:
-        where.append("e.seq < ?")
-        params.append(cursor[2])
-    sql = f"SELECT {_RECORD_COLUMNS} FROM exchanges e {_where(where)} ORDER BY e.seq DESC LIMIT ?"
+    # Newest first by start time (then id), among the exchanges there when the first page was read
+    # (seq <= snapshot): one walk down the (ts, id) index or a filter's, however wide since..until is.
+    if cursor is None:
+        snapshot = db.execute("SELECT COALESCE(MAX(seq), 0) FROM exchanges").fetchone()[0]
+    else:
+        snapshot, _, last = cursor
+        previous = db.execute("SELECT ts, id FROM exchanges WHERE seq = ?", (last,)).fetchone()
+        if previous is None:  # not a cursor this database gave out
+            return HistoryPage([], None)
+        where.append("(e.ts, e.id) < (?, ?)")
+        params.extend(previous)
+    where.append("e.seq <= ?")
+    params.append(snapshot)
+    sql = f"SELECT {_RECORD_COLUMNS} FROM exchanges e {_where(where)} ORDER BY e.ts DESC, e.id DESC LIMIT ?"
     rows = db.execute(sql, (*params, limit + 1)).fetchall()
     more = len(rows) > limit
     return HistoryPage([_record(row) for row in rows[:limit]],
-                       encode_cursor(0, 0.0, rows[limit - 1][0]) if more else None)  # fmt: skip
+                       encode_cursor(snapshot, 0.0, rows[limit - 1][0]) if more else None)  # fmt: skip
 
 
 def _ranked(db: sqlite3.Connection, match: str, where: list[str], params: list[Any], limit: int,
@@ -573,8 +730,8 @@ def _where(conditions: list[str]) -> str:
 
 
 def _stats(db: sqlite3.Connection, since: datetime | None, until: datetime | None) -> list[dict[str, Any]]:
-    """Whole days come from `exchange_days` and the latency index; the partial days at either end of
-    since..until are summed from their rows."""
+    """Whole days come from the per-day tables; the partial days at either end of since..until are summed
+    from their exchanges (found through the start-time index)."""
     low = epoch_ms(since) if since is not None else None
     high = epoch_ms(until) if until is not None else None
     if low is not None and high is not None and low >= high:
@@ -583,7 +740,8 @@ def _stats(db: sqlite3.Connection, since: datetime | None, until: datetime | Non
     first_day = -(-low // _DAY_MS) if low is not None else None
     end_day = high // _DAY_MS if high is not None else None
     groups: dict[tuple[str, str | None], dict[str, Any]] = {}
-    db.execute("BEGIN")  # one snapshot for the counts and the percentiles
+    buckets: dict[tuple[str, str | None], dict[int, int]] = {}
+    db.execute("BEGIN")  # one snapshot for the counts and the latencies
     try:
         if first_day is None or end_day is None or first_day < end_day:
             conditions, params = [], []
@@ -593,27 +751,31 @@ def _stats(db: sqlite3.Connection, since: datetime | None, until: datetime | Non
             if end_day is not None:
                 conditions.append("day < ?")
                 params.append(_day_name(end_day))
-            rows = db.execute(
-                "SELECT day, model, count, ok, error, cancelled, prompt_tokens, completion_tokens, latencies "
+            days = db.execute(
+                "SELECT day, model, count, ok, error, cancelled, prompt_tokens, completion_tokens "
                 f"FROM exchange_days {_where(conditions)}",
                 params,
-            ).fetchall()
-            for day, model, count, ok, error, cancelled, prompt_tokens, completion_tokens, latencies in rows:
-                model = model or None
-                groups[(day, model)] = {
-                    "day": day, "model": model, "count": count, "ok": ok, "error": error, "cancelled": cancelled,
-                    "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                    "latency_ms": _indexed_percentiles(db, day, model, latencies),
+            )
+            for day, model, count, ok, error, cancelled, prompt_tokens, completion_tokens in days:
+                groups[(day, model or None)] = {
+                    "day": day, "model": model or None, "count": count, "ok": ok, "error": error,
+                    "cancelled": cancelled, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 }  # fmt: skip
+            latencies = db.execute(f"SELECT day, model, bucket, count FROM exchange_latencies {_where(conditions)}",
+                                   params)  # fmt: skip
+            for day, model, bucket, count in latencies:
+                buckets.setdefault((day, model or None), {})[bucket] = count
         for start, end in _partial_ranges(low, high, first_day, end_day):
-            _add_partial(db, groups, start, end)
+            _add_partial(db, groups, buckets, start, end)
     finally:
         db.execute("COMMIT")
+    for key, group in groups.items():
+        group["latency_ms"] = _percentiles(buckets.get(key))
     return [groups[key] for key in sorted(groups, key=lambda key: (key[0], key[1] or ""))]
 
 
 def _day_name(day_number: int) -> str:
-    return (_EPOCH + timedelta(days=day_number)).date().isoformat()
+    return _ms_text(day_number * _DAY_MS)[:10]
 
 
 def _partial_ranges(
@@ -638,54 +800,49 @@ def _partial_ranges(
     return ranges
 
 
-def _add_partial(db: sqlite3.Connection, groups: dict[tuple[str, str | None], dict[str, Any]], start: int, end: int
-                 ) -> None:  # fmt: skip
-    """Sum the rows of [start, end) (within one UTC day) into `groups`."""
-    latencies: dict[tuple[str, str | None], list[float]] = {}
+def _add_partial(
+    db: sqlite3.Connection,
+    groups: dict[tuple[str, str | None], dict[str, Any]],
+    buckets: dict[tuple[str, str | None], dict[int, int]],
+    start: int,
+    end: int,
+) -> None:
+    """Sum the exchanges that started in [start, end) (within one UTC day) into `groups` and `buckets`."""
     rows = db.execute(
-        "SELECT day, model, status, prompt_tokens, completion_tokens, latency_ms FROM exchanges "
-        "WHERE t_ms >= ? AND t_ms < ?",
-        (start, end),
+        "SELECT day, model, status, prompt_tokens, completion_tokens, latency_bucket FROM exchanges "
+        "WHERE ts >= ? AND ts < ?",
+        (_ms_text(start), _ms_text(end)),
     )
-    for day, model, status, prompt_tokens, completion_tokens, latency_ms in rows:
-        group = groups.get((day, model))
+    for day, model, status, prompt_tokens, completion_tokens, bucket in rows:
+        key = (day, model)
+        group = groups.get(key)
         if group is None:
-            group = groups[(day, model)] = {
+            group = groups[key] = {
                 "day": day, "model": model, "count": 0, "ok": 0, "error": 0, "cancelled": 0,
-                "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": None,
+                "prompt_tokens": 0, "completion_tokens": 0,
             }  # fmt: skip
         group["count"] += 1
         group[status] = group.get(status, 0) + 1
         group["prompt_tokens"] += prompt_tokens or 0
         group["completion_tokens"] += completion_tokens or 0
-        if latency_ms is not None:
-            latencies.setdefault((day, model), []).append(latency_ms)
-    for key, values in latencies.items():
-        values.sort()
-        groups[key]["latency_ms"] = {f"p{p}": values[_rank(p, len(values))] for p in PERCENTILES}
+        if bucket is not None:
+            counts = buckets.setdefault(key, {})
+            counts[bucket] = counts.get(bucket, 0) + 1
 
 
-def _rank(percentile: int, count: int) -> int:
-    """Nearest-rank percentile: the 0-based position of the p-th percentile among `count` sorted values."""
-    return max(0, math.ceil(percentile * count / 100) - 1)
-
-
-def _indexed_percentiles(db: sqlite3.Connection, day: str, model: str | None, count: int) -> dict[str, float] | None:
-    """p50/p90/p99 of one day and model, read off the (day, model, latency_ms) index: the high ones are
-    counted from the top, so each costs at most half the day's entries and p99 a hundredth."""
-    if not count:
+def _percentiles(buckets: dict[int, int] | None) -> dict[str, float] | None:
+    """Nearest-rank p50/p90/p99 from bucket counts: the middle of the bucket holding the p-th value
+    (within 1% of it); None when nothing was timed."""
+    if not buckets:
         return None
+    total = sum(buckets.values())
     result = {}
+    ordered = sorted(buckets.items())
+    index, seen = 0, ordered[0][1]
     for p in PERCENTILES:
-        position = _rank(p, count)
-        if position < count // 2:
-            order, offset = "ASC", position
-        else:
-            order, offset = "DESC", count - 1 - position
-        row = db.execute(
-            "SELECT latency_ms FROM exchanges INDEXED BY exchanges_by_latency "
-            f"WHERE day = ? AND model IS ? AND latency_ms IS NOT NULL ORDER BY latency_ms {order} LIMIT 1 OFFSET ?",
-            (day, model, offset),
-        ).fetchone()
-        result[f"p{p}"] = row[0] if row else None
+        wanted = max(1, math.ceil(p * total / 100))
+        while seen < wanted:
+            index += 1
+            seen += ordered[index][1]
+        result[f"p{p}"] = round(math.exp((ordered[index][0] + 0.5) * _LOG_STEP), 2)
     return result
