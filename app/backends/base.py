@@ -163,8 +163,18 @@ class HttpBackend:
     _busy_hint = ""
     _credentials_hint = ""
 
+    async def list_models(self) -> list[ModelInfo]:
+        raise NotImplementedError
+
     async def _missing_model(self, model: str) -> MiniVaultError:
         raise NotImplementedError
+
+    async def _listed_models(self, source: str) -> str:
+        """The models the upstream lists, for an error message ("unknown: SOURCE failed too" if listing fails)."""
+        try:
+            return ", ".join(sorted(info.name for info in await self.list_models())) or "none"
+        except MiniVaultError:
+            return f"unknown: {source} failed too"
 
 
 class LineSplitter:

@@ -130,10 +130,7 @@ class OllamaBackend(HttpBackend):
         )
 
     async def _missing_model(self, model: str) -> MiniVaultError:
-        try:
-            installed = ", ".join(sorted(info.name for info in await self.list_models())) or "none"
-        except MiniVaultError:
-            installed = "unknown: /api/tags failed too"
+        installed = await self._listed_models("/api/tags")
         return ModelNotFound(
             f"model '{model}' is not installed in Ollama (installed: {installed}); pull it with `ollama pull {model}`"
         )

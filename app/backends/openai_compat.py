@@ -131,10 +131,7 @@ class OpenAICompatBackend(HttpBackend):
                                           f"{', '.join(sorted(map(str, ids))) or 'none'})")  # fmt: skip
 
     async def _missing_model(self, model: str) -> MiniVaultError:
-        try:
-            served = ", ".join(sorted(info.name for info in await self.list_models())) or "none"
-        except MiniVaultError:
-            served = "unknown: /v1/models failed too"
+        served = await self._listed_models("/v1/models")
         return ModelNotFound(
             f"model '{model}' is not served by {self._upstream.label} at {self.url} (it serves: {served}); "
             "name one of those, or set OPENAI_MODEL"
