@@ -49,7 +49,7 @@ class HistoryStore(Protocol):
         ...
 
     def add_many(self, records: Iterable[ExchangeRecord]) -> int:
-        """Insert records that are not there yet (by id) and return how many were new; blocking (reindex)."""
+        """Insert records that are not there yet (by start time and id) and return how many were new; blocking."""
         ...
 
     def flush(self, timeout: float | None = None) -> bool:
