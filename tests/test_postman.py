@@ -28,13 +28,14 @@ def test_collection_passes_against_a_live_minivault(minivault: RunningServer, tm
 
     assert run["failures"] == []
     assert code == 0
-    assert run["stats"]["requests"] == {"total": 21, "pending": 0, "failed": 0}
-    assert run["stats"]["assertions"]["total"] >= 56
+    assert run["stats"]["requests"] == {"total": 25, "pending": 0, "failed": 0}
+    assert run["stats"]["assertions"]["total"] >= 64
     names = {execution["item"]["name"] for execution in run["executions"]}
     assert {"Generate (JSON)", "Generate (stream: Server-Sent Events)", "Health", "Ready", "Models", "Metrics",
             "Pull a model (Ollama backend)", "Blank prompt", "Unknown model", "Bad JSON",
             "No API key", "Create a conversation", "Second prompt sees the first", "Read the conversation",
-            "Forget the conversation", "Forgotten conversation"} <= names  # fmt: skip
+            "Forget the conversation", "Forgotten conversation", "History, newest first", "History search",
+            "One exchange", "History stats"} <= names  # fmt: skip
 
 
 def test_collection_passes_against_a_minivault_with_api_keys(
