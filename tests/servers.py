@@ -7,7 +7,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +175,13 @@ class FakeOllamaProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def poll_ready(server: RunningServer, done: Callable[[httpx.Response], bool], within: float = 15.0
+               ) -> httpx.Response:  # fmt: skip
+    """GET /ready until `done(response)` holds (it changes on the server's own schedule); fail after `within` s."""
+    deadline = time.monotonic() + within
+    while not done(response := httpx.get(f"{server.url}/ready")):
+        assert time.monotonic() < deadline, f"/ready stayed {response.status_code} {response.text}"
+        time.sleep(0.02)
+    return response

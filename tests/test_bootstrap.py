@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from app.main import create_app
 from app.serverlog import configure_server_log
 from tests.conftest import closed_port_url, make_settings, read_log
 from tests.fake_ollama import FakeOllama
-from tests.servers import FakeOllamaProcess, RunningServer, free_port, serve_in_thread
+from tests.servers import FakeOllamaProcess, RunningServer, free_port, poll_ready, serve_in_thread
 
 MODEL = "tinyllama:1.1b-chat"
 WAIT = 15.0  # generous: these machines are noisy
@@ -57,14 +57,6 @@ def gateway(url: str, log_path: Path, **overrides: Any) -> Iterator[tuple[Runnin
     app = create_app(settings)
     with serve_in_thread(app) as server:
         yield server, app
-
-
-def poll_ready(server: RunningServer, done: Callable[[httpx.Response], bool]) -> httpx.Response:
-    deadline = time.monotonic() + WAIT
-    while not done(response := httpx.get(f"{server.url}/ready")):
-        assert time.monotonic() < deadline, f"/ready stayed {response.status_code} {response.text}"
-        time.sleep(0.02)
-    return response
 
 
 def wait_for_phase(app: FastAPI, phase: str) -> None:

@@ -18,7 +18,7 @@ from app.backends.transport import RetryConnect
 from app.main import create_app
 from tests.conftest import make_settings, read_log
 from tests.fake_ollama import FakeOllama
-from tests.servers import FakeOllamaProcess, RunningServer, serve_in_thread
+from tests.servers import FakeOllamaProcess, RunningServer, poll_ready, serve_in_thread
 from tests.sse import aparse_events, parse_events
 
 pytestmark = pytest.mark.anyio
@@ -495,14 +495,6 @@ def test_generation_recovers_after_ollama_restarts_without_restarting_minivault(
 
 
 # --- warm start ---------------------------------------------------------------------------------------------
-
-
-def poll_ready(server: RunningServer, done: Callable[[httpx.Response], bool]) -> httpx.Response:
-    deadline = time.monotonic() + STEP
-    while not done(response := httpx.get(f"{server.url}/ready")):
-        assert time.monotonic() < deadline, f"/ready stayed {response.status_code} {response.text}"
-        time.sleep(0.02)
-    return response
 
 
 def test_warmup_loads_the_default_model_and_ready_says_loading_meanwhile(
