@@ -1,4 +1,4 @@
-"""API keys: every route but /health and /ready needs one when MINIVAULT_API_KEYS is set.
+"""API keys: every route but /health, /ready and the browser pages needs one when MINIVAULT_API_KEYS is set.
 
 A pure ASGI middleware, so one check covers HTTP and websockets alike and runs before any
 route. Keys are compared as sha256 digests with `hmac.compare_digest`, against every configured
@@ -15,10 +15,13 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import Unauthorized
+from app.routes.pages import OPEN_PATHS as PAGE_PATHS
+from app.routes.pages import OPEN_PREFIXES as PAGE_PREFIXES
 from app.request_id import request_id_of
 from app.responses import error_response, send_ws_error
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# The pages hold no data: the playground and the docs ask for the key themselves, then send it.
+OPEN_PATHS = frozenset({"/health", "/ready"}) | PAGE_PATHS
 _MISSING = (
     "an API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>` "
     "(websocket: either header, or the `api_key` query parameter)"
@@ -50,7 +53,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        if kind not in ("http", "websocket") or scope["path"] in OPEN_PATHS or scope["path"].startswith(PAGE_PREFIXES):
             await self.app(scope, receive, send)
             return
         key = _presented_key(scope)

@@ -37,6 +37,7 @@ from app.request_id import RequestIdMiddleware, request_id_of
 from app.responses import error_response
 from app.routes import conversations, generate, health, history, metrics, models, ws
 from app.routes.conversations import NewConversation
+from app.routes.pages import mount_pages
 from app.schemas import GenerateRequest, PullRequest, describe_validation_errors
 from app.serverlog import configure_server_log
 from app.shutdown import install_drain
@@ -112,6 +113,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="A local REST, SSE and WebSocket gateway in front of a local LLM.",
         lifespan=lifespan,
+        docs_url=None,  # served by app.routes.pages, from local files
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = app_metrics
@@ -134,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(conversations.router)
     app.include_router(history.router)
+    mount_pages(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

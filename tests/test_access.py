@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.routing import iter_route_contexts
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -29,7 +29,9 @@ pytestmark = pytest.mark.anyio
 
 K2_DIGEST = hashlib.sha256(b"k2").hexdigest()
 KEYS = f"k1,sha256:{K2_DIGEST}"
-OPEN = {"/health", "/ready"}
+# Probes, and the pages a browser loads before it can send a key (they hold no data).
+OPEN = {"/health", "/ready", "/", "/docs", "/redoc", "/openapi.json"}
+OPEN_MOUNTS = {"/static": "/static/index.html", "/docs-assets": "/docs-assets/swagger-ui-bundle.js"}
 # Long and unlike anything else the server prints, so finding it in output means it leaked.
 SECRET = "mv-secret-key-Qz7uXw"
 WRONG_SECRET = "mv-wrong-key-Jy4pTb"
@@ -101,14 +103,16 @@ def concrete(path: str) -> str:
     return re.sub(r"\{[^}]+\}", "x", path)
 
 
-async def test_every_route_but_health_and_ready_refuses_a_request_without_a_key(
+async def test_every_route_but_probes_and_pages_refuses_a_request_without_a_key(
     fake_server: RunningServer, fake: FakeOllama, log_path: Path
 ) -> None:
     app = create_app(make_settings(ollama_base_url=fake_server.url, log_path=log_path, api_keys=KEYS))
-    contexts = list(iter_route_contexts(app.routes))
+    contexts = [c for c in iter_route_contexts(app.routes) if not isinstance(c.original_route, Mount)]
     http_routes = [c for c in contexts if isinstance(c.original_route, Route)]
     ws_routes = [c for c in contexts if isinstance(c.original_route, WebSocketRoute)]
-    # A route of another kind (a Mount, static files) needs its own check here before it can ship.
+    mounts = {r.path for r in app.routes if isinstance(r, Mount)}
+    # A route of another kind, or another mount, needs its own check here before it can ship.
+    assert mounts == set(OPEN_MOUNTS)
     assert len(http_routes) + len(ws_routes) == len(contexts)
     all_paths = {c.path for c in contexts}
     checked: set[str] = set()
@@ -121,8 +125,8 @@ async def test_every_route_but_health_and_ready_refuses_a_request_without_a_key(
                 for method in sorted(route.methods or ()):
                     assert_unauthorized(await client.request(method, concrete(route.path)), method)
                 checked.add(route.path)
-            for path in sorted(OPEN):
-                assert (await client.get(path)).status_code == 200
+            for path in sorted(OPEN | set(OPEN_MOUNTS.values())):
+                assert (await client.get(path)).status_code == 200, path
         for route in ws_routes:
             async with connect(f"{server.ws_url}{concrete(route.path)}") as ws:
                 frame, close_code, reason = await error_then_close(ws)
@@ -131,7 +135,7 @@ async def test_every_route_but_health_and_ready_refuses_a_request_without_a_key(
             checked.add(route.path)
 
     assert checked == all_paths - OPEN
-    assert checked >= {"/generate", "/ws/generate", "/models", "/models/pull", "/metrics", "/openapi.json", "/docs"}
+    assert checked >= {"/generate", "/ws/generate", "/models", "/models/pull", "/metrics", "/history"}
     assert (fake.requests, fake.started) == ([], 0)
     assert read_log(log_path) == []
 
