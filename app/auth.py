@@ -69,7 +69,7 @@ class ApiKeyMiddleware:
             await send_ws_error(receive, send, error, request_id)
         else:
             headers = {"WWW-Authenticate": 'Bearer realm="minivault"'}
-            await error_response(error, request_id, headers)(scope, receive, send)
+            await error_response(error, request_id, headers, scope["path"])(scope, receive, send)
 
     def _matches(self, key: str) -> bool:
         presented = hashlib.sha256(key.encode()).digest()

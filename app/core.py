@@ -45,11 +45,16 @@ class Timeouts:
 
 
 class Exchange:
-    """One prompt's life: what was asked, the text so far, and the record it leaves."""
+    """One prompt's life: what was asked, the text so far, and the record it leaves.
+
+    What was asked is kept in no API's dialect: the prompt (the last user message), the system
+    prompt and options, and either `chat` (the messages to send, built up front) or a
+    `conversation_id` whose stored turns are added once the conversation is free.
+    """
 
     __slots__ = (
-        "id", "endpoint", "client", "key_id", "conversation_id", "request", "prompt", "model", "backend", "ts",
-        "started",
+        "id", "endpoint", "client", "key_id", "conversation_id", "prompt", "system", "options", "chat", "model",
+        "backend", "ts", "started", "announce_queue",
         "parts", "completion", "queue_ms", "ttft_ms", "latency_ms", "status", "error",
     )  # fmt: skip
 
@@ -59,20 +64,29 @@ class Exchange:
         endpoint: Endpoint,
         client: str | None,
         key_id: str | None,
-        request: GenerateRequest | None,
         backend: Backend,
+        *,
         prompt: str | None = None,
+        model: str | None = None,
+        system: str | None = None,
+        options: dict[str, Any] | None = None,
+        chat: ChatInput | None = None,
+        conversation_id: str | None = None,
     ) -> None:
         self.id = request_id
         self.endpoint = endpoint
         self.client = client
         self.key_id = key_id
-        self.conversation_id = request.conversation_id if request else None
-        self.request = request
-        # A rejected request has no GenerateRequest, but whatever prompt it carried is still logged.
-        self.prompt = request.prompt if request else prompt
+        self.conversation_id = conversation_id
+        # A rejected request has no chat, but whatever prompt it carried is still logged.
+        self.prompt = prompt
+        self.system = system
+        self.options = options
+        self.chat = chat
         self.backend = backend.name
-        self.model = (request.model if request else None) or backend.default_model
+        self.model = model or backend.default_model
+        # False for dialects whose streams have no way to say "you are number 3 in the queue".
+        self.announce_queue = True
         self.ts = datetime.now(UTC)
         self.started = time.perf_counter()
         self.parts: list[str] = []
@@ -106,9 +120,8 @@ class Exchange:
 
     def record(self, keep_text: bool) -> ExchangeRecord:
         """The line this exchange leaves in logs/log.jsonl; without `keep_text`, lengths stand in for texts."""
-        request = self.request
         text = self.text
-        system = request.system if request else None
+        system = self.system
         error = self.error
         return ExchangeRecord(
             id=self.id,
@@ -121,7 +134,7 @@ class Exchange:
             model=self.model,
             prompt=self.prompt if keep_text else None,
             system=system if keep_text else None,
-            options=request.upstream_options() if request else None,
+            options=self.options,
             response=text if keep_text else None,
             prompt_chars=len(self.prompt) if self.prompt is not None else None,
             response_chars=len(text),
@@ -256,7 +269,26 @@ class GenerationService:
         key_id: str | None,
         request: GenerateRequest,
     ) -> Exchange:
-        return Exchange(request_id, endpoint, client, key_id, request, self.backend)
+        """An exchange for MiniVault's own request (REST, SSE, websocket)."""
+        options = request.upstream_options()
+        model = request.model or self.backend.default_model
+        conversation_id = request.conversation_id
+        chat = None if conversation_id else ChatInput.single(model, request.prompt, request.system, options)
+        return Exchange(
+            request_id, endpoint, client, key_id, self.backend, prompt=request.prompt, model=model,
+            system=request.system, options=options, chat=chat, conversation_id=conversation_id,
+        )  # fmt: skip
+
+    def chat_exchange(
+        self, request_id: str, endpoint: Endpoint, client: str | None, key_id: str | None, chat: ChatInput
+    ) -> Exchange:
+        """An exchange for messages the client sent whole (the OpenAI and Ollama APIs); no queue events."""
+        exchange = Exchange(
+            request_id, endpoint, client, key_id, self.backend, prompt=chat.prompt, model=chat.model,
+            system=chat.system, options=chat.options, chat=chat,
+        )  # fmt: skip
+        exchange.announce_queue = False
+        return exchange
 
     async def stream(self, exchange: Exchange) -> AsyncGenerator[str | Queued, None]:
         """Yield `Queued` while waiting for a slot, then the answer's text chunks; log the exchange once.
@@ -265,8 +297,6 @@ class GenerationService:
         the partial text. Failures (upstream, timeouts, a full queue, shutdown) are logged and
         raised as MiniVaultError.
         """
-        request = exchange.request
-        assert request is not None
         conversation_id = exchange.conversation_id
         held = False
         loop = asyncio.get_running_loop()
@@ -284,7 +314,8 @@ class GenerationService:
                 raise refusal
             guard.task = asyncio.current_task()
             if conversation_id is None:
-                chat = ChatInput.single(exchange.model, request.prompt, request.system, request.upstream_options())
+                chat = exchange.chat
+                assert chat is not None
             else:
                 chat = await self._conversation_input(exchange, guard)
                 held = True
@@ -298,7 +329,7 @@ class GenerationService:
                     if ticket.admitted:
                         break
                     position = admission.position(ticket)
-                    if position != shown:
+                    if position != shown and exchange.announce_queue:
                         shown = position
                         yield Queued(position)
                         if guard.error is not None:
@@ -326,8 +357,9 @@ class GenerationService:
             guard.inside = False
             if conversation_id is not None:
                 assert self.memory is not None
-                turn = Turn(request.prompt, exchange.text, exchange.id, exchange.iso_ts)
-                await self.memory.remember(conversation_id, turn, request.system)
+                assert exchange.prompt is not None
+                turn = Turn(exchange.prompt, exchange.text, exchange.id, exchange.iso_ts)
+                await self.memory.remember(conversation_id, turn, exchange.system)
         except asyncio.CancelledError:
             guard.inside = False
             if guard.cancelled and guard.error is not None:
@@ -361,8 +393,8 @@ class GenerationService:
 
     async def _conversation_input(self, exchange: Exchange, guard: "_Guard") -> ChatInput:
         """Wait for the conversation to be free, then build the prompt's messages from its turns."""
-        request, conversation_id = exchange.request, exchange.conversation_id
-        assert request is not None and conversation_id is not None
+        conversation_id, prompt = exchange.conversation_id, exchange.prompt
+        assert conversation_id is not None and prompt is not None
         if self.memory is None:
             raise InvalidRequest(
                 "conversation_id: conversations keep their turns, and MINIVAULT_LOG_PROMPTS=false forbids storing "
@@ -372,7 +404,7 @@ class GenerationService:
         await self.memory.acquire(conversation_id)
         try:
             chat = await self.memory.chat_input(
-                conversation_id, exchange.model, request.prompt, request.system, request.upstream_options()
+                conversation_id, exchange.model, prompt, exchange.system, exchange.options
             )
         except BaseException:
             self.memory.release(conversation_id)
@@ -394,7 +426,7 @@ class GenerationService:
     ) -> None:  # fmt: skip
         """Log a request refused before it reached the service, with whatever prompt it carried."""
         exchange = Exchange(
-            request_id, endpoint, client, key_id, None, self.backend, prompt if isinstance(prompt, str) else None
+            request_id, endpoint, client, key_id, self.backend, prompt=prompt if isinstance(prompt, str) else None
         )
         exchange.status = "error"
         exchange.error = error

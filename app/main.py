@@ -29,13 +29,14 @@ from app.bootstrap import start_bootstrap
 from app.config import ConfigError, Settings, load_settings
 from app.conversations import ContextLimits, ConversationMemory
 from app.core import GenerationService, Timeouts
+from app.dialects.openai import ChatCompletionRequest, CompletionRequest
 from app.errors import InvalidRequest, MethodNotAllowed, MiniVaultError, RouteNotFound
 from app.health import BackendProbe
 from app.interactions import JsonlWriter
 from app.metrics import Metrics
 from app.request_id import RequestIdMiddleware, request_id_of
 from app.responses import error_response
-from app.routes import conversations, generate, health, history, metrics, models, ws
+from app.routes import conversations, generate, health, history, metrics, models, openai_api, ws
 from app.routes.conversations import NewConversation
 from app.routes.pages import mount_pages
 from app.schemas import GenerateRequest, PullRequest, describe_validation_errors
@@ -137,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(conversations.router)
     app.include_router(history.router)
+    app.include_router(openai_api.router)
     mount_pages(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -159,7 +161,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
     components = schema.setdefault("components", {})
     models = components.setdefault("schemas", {})
-    for model in (GenerateRequest, PullRequest, NewConversation):
+    for model in (GenerateRequest, PullRequest, NewConversation, ChatCompletionRequest, CompletionRequest):
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         models.update(model_schema.pop("$defs", {}))
         models[model.__name__] = model_schema
@@ -235,11 +237,12 @@ def _is_loopback(host: str) -> bool:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MiniVaultError)
     async def on_minivault_error(request: Request, exc: MiniVaultError) -> Response:
-        return error_response(exc, request_id_of(request))
+        return error_response(exc, request_id_of(request), path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(InvalidRequest(describe_validation_errors(exc)), request_id_of(request))  # type: ignore[arg-type]
+        error = InvalidRequest(describe_validation_errors(exc))  # type: ignore[arg-type]
+        return error_response(error, request_id_of(request), path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -252,19 +255,19 @@ def _add_error_handlers(app: FastAPI) -> None:
             # Starlette's Allow names the methods of the first route on the path; a path served by
             # several routes (GET and POST /conversations) takes all of theirs.
             allowed = _allowed_methods(app, request.url.path)
-            return error_response(error, request_id_of(request), {"Allow": ", ".join(allowed)})
+            return error_response(error, request_id_of(request), {"Allow": ", ".join(allowed)}, request.url.path)
         else:
             error = MiniVaultError(str(exc.detail))
             error.status = exc.status_code  # type: ignore[misc]
-        return error_response(error, request_id_of(request), exc.headers)
+        return error_response(error, request_id_of(request), exc.headers, request.url.path)
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> Response:
         # Runs outside the request-id middleware, so the renderer sets the header itself.
         request_id = request.scope.get("state", {}).get("request_id", "unknown")
         logger.exception("unhandled error in %s %s (%s)", request.method, request.url.path, request_id)
-        return error_response(MiniVaultError("MiniVault hit an internal error; the server log has the details"),
-                              request_id)  # fmt: skip
+        error = MiniVaultError("MiniVault hit an internal error; the server log has the details")
+        return error_response(error, request_id, path=request.url.path)
 
 
 try:

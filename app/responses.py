@@ -10,7 +10,7 @@ import orjson
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.errors import MiniVaultError, error_body
+from app.errors import MiniVaultError, error_body, ollama_error, openai_error_body
 from app.request_id import HEADER
 
 T = TypeVar("T")
@@ -23,10 +23,28 @@ class OrjsonResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def error_response(error: MiniVaultError, request_id: str, headers: dict[str, str] | None = None) -> OrjsonResponse:
-    """The one HTTP rendering of an error: its status, `{"error": {...}}`, and its headers (Retry-After)."""
+# Paths answered in another API's dialect: their errors take that API's shape, so its clients understand them.
+OPENAI_PREFIX = "/v1/"
+OLLAMA_PREFIX = "/api/"
+
+
+def error_response(
+    error: MiniVaultError, request_id: str, headers: dict[str, str] | None = None, path: str = ""
+) -> OrjsonResponse:
+    """The one HTTP rendering of an error: its status, its body in the dialect of `path`, and its headers.
+
+    MiniVault's own routes answer `{"error": {"code", "message", "id"}}`; `/v1/...` answers OpenAI's
+    shape and `/api/...` Ollama's.
+    """
     merged = {**(error.headers or {}), **(headers or {}), HEADER: request_id}
-    return OrjsonResponse(error_body(error, request_id), status_code=error.status, headers=merged)
+    status = error.status
+    if path.startswith(OPENAI_PREFIX):
+        body = openai_error_body(error)
+    elif path.startswith(OLLAMA_PREFIX):
+        status, body = ollama_error(error)
+    else:
+        body = error_body(error, request_id)
+    return OrjsonResponse(body, status_code=status, headers=merged)
 
 
 def ws_error_frame(error: MiniVaultError, request_id: str) -> str:
@@ -66,18 +84,18 @@ def sse_doc(description: str, events: dict[str, dict[str, Any]]) -> dict[str, An
 
 
 class EventStreamResponse(StreamingResponse):
-    """Server-Sent Events from an async iterator of `sse_event` bytes.
+    """Server-Sent Events (or NDJSON lines) from an async iterator of encoded bytes.
 
     Encoding happens where the events are made, with no per-event objects, and the client's
     departure is always watched for: uvicorn silently drops what is sent to a client that has
     gone, so without watching `receive()` a stream would run on (and keep the model busy).
     """
 
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncIterator[bytes]) -> None:
+    def __init__(self, events: AsyncIterator[bytes], media_type: str = "text/event-stream") -> None:
         # no-cache and X-Accel-Buffering stop proxies (nginx) from holding events back.
-        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            events, media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -86,14 +104,22 @@ class EventStreamResponse(StreamingResponse):
             pass  # the events iterator was cancelled, which closed the upstream request
 
 
+def sse_error_event(error: MiniVaultError, request_id: str) -> bytes:
+    """How MiniVault's own streams end on a failure: an `error` event with the REST error body."""
+    return sse_event(b"error", error_body(error, request_id))
+
+
 async def open_event_stream(
     receive: Receive,
     items: AsyncGenerator[T, None],
     encode: Callable[[T], bytes],
     request_id: str,
     last: Callable[[], bytes] | None = None,
+    on_error: Callable[[MiniVaultError, str], bytes] = sse_error_event,
+    media_type: str = "text/event-stream",
 ) -> Response:
-    """Relay `items` as Server-Sent Events, ending with `last()` or an `error` event.
+    """Relay `items` as a stream (Server-Sent Events unless `media_type` says otherwise), ending with
+    `last()` or `on_error(error, request_id)`.
 
     The first item is awaited before answering, so a failure before anything was produced
     is still an ordinary HTTP error with the right status; a client that leaves meanwhile
@@ -103,7 +129,7 @@ async def open_event_stream(
         first = await cancel_on_disconnect(receive, first_item(items))
     except ClientGone:
         return Response(status_code=499)
-    return EventStreamResponse(_relay(first, items, encode, request_id, last))
+    return EventStreamResponse(_relay(first, items, encode, request_id, last, on_error), media_type)
 
 
 async def _relay(
@@ -112,6 +138,7 @@ async def _relay(
     encode: Callable[[T], bytes],
     request_id: str,
     last: Callable[[], bytes] | None,
+    on_error: Callable[[MiniVaultError, str], bytes],
 ) -> AsyncIterator[bytes]:
     async with aclosing(items):
         try:
@@ -120,7 +147,7 @@ async def _relay(
                 async for item in items:
                     yield encode(item)
         except MiniVaultError as exc:
-            yield sse_event(b"error", error_body(exc, request_id))
+            yield on_error(exc, request_id)
             return
     if last is not None:
         yield last()

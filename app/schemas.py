@@ -137,7 +137,8 @@ class PullRequest(BaseModel):
     model: str = Field(min_length=1, description="The model to download, e.g. tinyllama:1.1b-chat.")
 
 
-Endpoint = Literal["rest", "sse", "ws"]
+# How the exchange came: MiniVault's REST, SSE or websocket API, or its OpenAI- or Ollama-compatible one.
+Endpoint = Literal["rest", "sse", "ws", "openai", "ollama"]
 Status = Literal["ok", "error", "cancelled"]
 
 

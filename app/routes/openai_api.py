@@ -1,0 +1,190 @@
+"""The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions` and `/v1/models`, so any OpenAI
+client (the SDKs, LangChain, Continue, Open WebUI) can use MiniVault by changing its base URL.
+
+Auth, limits, timeouts, the log (`endpoint: "openai"`) and the history apply as on `/generate`;
+errors take OpenAI's shape (`app.errors.openai_error_body`).
+"""
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+from starlette.responses import Response
+
+from app.backends import Backend, ModelInfo
+from app.dialects import openai
+from app.errors import ModelNotFound
+from app.responses import OrjsonResponse
+from app.routes.relay import answer, read_exchange
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error on /v1, in OpenAI's shape, so its SDKs raise their usual exceptions."""
+
+    error: OpenAIErrorDetail
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        404: "model_not_found: the backend has no such model",
+        413: "payload_too_large: the body is over MINIVAULT_MAX_BODY_BYTES",
+        422: "invalid_request: the body is not valid, or asks for something MiniVault cannot do (`param` names it)",
+        429: "busy: MiniVault's queue is full (Retry-After says when to retry)",
+        502: "backend_error: the upstream failed",
+        503: "backend_unavailable, shutting_down or model_loading",
+        504: "backend_timeout: the upstream did not answer in time",
+    }
+    return {status: {"model": OpenAIErrorBody, "description": descriptions[status]} for status in statuses}
+
+
+_GENERATION_ERRORS = _errors(404, 413, 422, 429, 502, 503, 504)
+_STREAM = {
+    "text/event-stream": {
+        "schema": {"type": "string"},
+        "example": 'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":'
+        '{"content":"Hi"},"finish_reason":null}]}\n\ndata: [DONE]\n\n',
+    }
+}
+
+
+def _body(schema: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+        }
+    }
+
+
+@router.post(
+    "/chat/completions",
+    responses={
+        200: {
+            "description": "A `chat.completion`, or with `stream: true` `chat.completion.chunk` events ending "
+            "with `data: [DONE]`.",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "chatcmpl-5f0c3f7e",
+                        "object": "chat.completion",
+                        "created": 1764452456,
+                        "model": "tinyllama:1.1b-chat",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {
+                                    "role": "assistant",
+                                    "content": "Sunlight scatters off air molecules.",
+                                    "refusal": None,
+                                },
+                                "logprobs": None,
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 24, "completion_tokens": 8, "total_tokens": 32},
+                        "system_fingerprint": None,
+                    }
+                },  # fmt: skip
+                **_STREAM,
+            },
+        },
+        **_GENERATION_ERRORS,
+    },
+    openapi_extra=_body("ChatCompletionRequest"),
+)
+async def chat_completions(request: Request) -> Response:
+    """OpenAI's chat completions: messages in, one answer out (streamed with `stream: true`)."""
+    parsed, exchange = await read_exchange(request, "openai", openai.parse_chat_request, lambda p: p[1])
+    body = parsed[0]
+    chunks = openai.ChunkStream(exchange, chat=True, include_usage=body.include_usage)
+    return await answer(
+        request, exchange, stream=body.stream, whole=openai.chat_completion, token=chunks.token, end=chunks.end,
+        on_error=openai.error_frame, media_type="text/event-stream",
+    )  # fmt: skip
+
+
+@router.post(
+    "/completions",
+    responses={
+        200: {
+            "description": "A `text_completion`, or with `stream: true` its chunks ending with `data: [DONE]`.",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "id": "cmpl-5f0c3f7e",
+                        "object": "text_completion",
+                        "created": 1764452456,
+                        "model": "tinyllama:1.1b-chat",
+                        "choices": [
+                            {"text": " there was a lighthouse.", "index": 0, "logprobs": None, "finish_reason": "stop"}
+                        ],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
+                    }
+                },  # fmt: skip
+                **_STREAM,
+            },
+        },
+        **_GENERATION_ERRORS,
+    },
+    openapi_extra=_body("CompletionRequest"),
+)
+async def completions(request: Request) -> Response:
+    """OpenAI's legacy text completions: one prompt, through the model's chat template like Ollama's /v1."""
+    parsed, exchange = await read_exchange(request, "openai", openai.parse_completion_request, lambda p: p[1])
+    body = parsed[0]
+    chunks = openai.ChunkStream(exchange, chat=False, include_usage=body.include_usage)
+    return await answer(
+        request, exchange, stream=body.stream, whole=openai.text_completion, token=chunks.token, end=chunks.end,
+        on_error=openai.error_frame, media_type="text/event-stream",
+    )  # fmt: skip
+
+
+def _model(info: ModelInfo, backend: Backend) -> dict[str, Any]:
+    return {"id": info.name, "object": "model", "created": openai.timestamp(info.modified_at), "owned_by": backend.name}
+
+
+_MODEL_EXAMPLE = {"id": "tinyllama:1.1b-chat", "object": "model", "created": 1764452456, "owned_by": "ollama"}
+
+
+@router.get(
+    "/models",
+    responses={
+        200: {"description": "The models the backend has.",
+              "content": {"application/json": {"example": {"object": "list", "data": [_MODEL_EXAMPLE]}}}},
+        **_errors(502, 503, 504),
+    },
+)  # fmt: skip
+async def list_models(request: Request) -> OrjsonResponse:
+    """The models the backend has, as OpenAI lists them."""
+    backend: Backend = request.app.state.backend
+    found = await backend.list_models()
+    return OrjsonResponse({"object": "list", "data": [_model(m, backend) for m in found]})
+
+
+@router.get(
+    "/models/{model_id:path}",
+    responses={
+        200: {"description": "One model.", "content": {"application/json": {"example": _MODEL_EXAMPLE}}},
+        **_errors(404, 502, 503, 504),
+    },
+)
+async def get_model(model_id: str, request: Request) -> OrjsonResponse:
+    """One model, or 404 `model_not_found` naming those there are."""
+    backend: Backend = request.app.state.backend
+    found = await backend.list_models()
+    for info in found:
+        if info.name == model_id:
+            return OrjsonResponse(_model(info, backend))
+    names = ", ".join(m.name for m in found) or "none"
+    error = ModelNotFound(f"The model '{model_id}' does not exist here (the backend has: {names})")
+    error.param = "model"
+    raise error

@@ -1,0 +1,64 @@
+"""What the OpenAI- and Ollama-compatible routes share: reading a body into an exchange (refusals
+are logged too), and answering it whole or as a stream in the route's own wire format."""
+
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypeVar, cast
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.auth import key_id_of
+from app.core import Exchange, GenerationService
+from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge
+from app.request_id import client_of, request_id_of
+from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream
+from app.schemas import Endpoint
+
+P = TypeVar("P")
+
+
+async def read_exchange(
+    request: Request, endpoint: Endpoint, parse: Callable[[bytes, int], P], chat_of: Callable[[P], Any]
+) -> tuple[P, Exchange]:
+    """Parse the body with `parse(body, max_prompt_chars)` and open an exchange for `chat_of(parsed)`.
+
+    A body that is refused (invalid, too large) is still logged, as on /generate.
+    """
+    state = request.app.state
+    service: GenerationService = state.service
+    request_id, client, key_id = request_id_of(request), client_of(request), key_id_of(request)
+    try:
+        parsed = parse(await request.body(), state.settings.max_prompt_chars)
+    except (InvalidRequest, PayloadTooLarge) as exc:
+        service.reject(request_id, endpoint, client, key_id, exc)
+        raise
+    return parsed, service.chat_exchange(request_id, endpoint, client, key_id, chat_of(parsed))
+
+
+async def answer(
+    request: Request,
+    exchange: Exchange,
+    *,
+    stream: bool,
+    whole: Callable[[Exchange], dict[str, Any]],
+    token: Callable[[str], bytes],
+    end: Callable[[], bytes],
+    on_error: Callable[[MiniVaultError, str], bytes],
+    media_type: str,
+) -> Response:
+    """Generate the answer: as one JSON object `whole(exchange)`, or streamed as `token` frames then `end()`.
+
+    Errors before the first token are ordinary HTTP errors; after it, `on_error` writes the last frame.
+    """
+    service: GenerationService = request.app.state.service
+    if stream:
+        # A chat exchange never yields queue markers, only text.
+        chunks = cast(AsyncGenerator[str, None], service.stream(exchange))
+        return await open_event_stream(
+            request.receive, chunks, token, exchange.id, last=end, on_error=on_error, media_type=media_type
+        )
+    try:
+        await cancel_on_disconnect(request.receive, service.run(exchange))
+    except ClientGone:
+        return Response(status_code=499)  # nobody is listening; the exchange is logged as cancelled
+    return OrjsonResponse(whole(exchange))
