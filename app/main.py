@@ -29,6 +29,7 @@ from app.bootstrap import start_bootstrap
 from app.config import ConfigError, Settings, load_settings
 from app.conversations import ContextLimits, ConversationMemory
 from app.core import GenerationService, Timeouts
+from app.dialects.ollama import ChatBody, GenerateBody
 from app.dialects.openai import ChatCompletionRequest, CompletionRequest
 from app.errors import InvalidRequest, MethodNotAllowed, MiniVaultError, RouteNotFound
 from app.health import BackendProbe
@@ -36,7 +37,7 @@ from app.interactions import JsonlWriter
 from app.metrics import Metrics
 from app.request_id import RequestIdMiddleware, request_id_of
 from app.responses import error_response
-from app.routes import conversations, generate, health, history, metrics, models, openai_api, ws
+from app.routes import conversations, generate, health, history, metrics, models, ollama_api, openai_api, ws
 from app.routes.conversations import NewConversation
 from app.routes.pages import mount_pages
 from app.schemas import GenerateRequest, PullRequest, describe_validation_errors
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(conversations.router)
     app.include_router(history.router)
     app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
     mount_pages(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -161,7 +163,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
     components = schema.setdefault("components", {})
     models = components.setdefault("schemas", {})
-    for model in (GenerateRequest, PullRequest, NewConversation, ChatCompletionRequest, CompletionRequest):
+    for model in (
+        GenerateRequest, PullRequest, NewConversation, ChatCompletionRequest, CompletionRequest, GenerateBody, ChatBody,
+    ):  # fmt: skip
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         models.update(model_schema.pop("$defs", {}))
         models[model.__name__] = model_schema

@@ -21,6 +21,8 @@ with `done_reason: "load"` once the test releases `fake.loaded` (released by def
 "no-such", which end in the registry's "file does not exist" error line; pulls are counted in `pulls`,
 `fail_pulls` makes that many next pulls end in a registry error, and clearing `pulled` holds a pull
 halfway through its first layer until the test sets it again.
+`/api/show` and `/api/delete` know the models in `models` (404 otherwise; delete removes it), and
+`/api/ps` lists the first model as loaded.
 Like Ollama, it stops generating only when it notices its client has gone, by watching
 `receive()` for `http.disconnect`, and counts those disconnects for the tests.
 """
@@ -97,6 +99,25 @@ class FakeOllama:
             models = [{"name": name, "model": name, "size": 1000 + i, "modified_at": "2026-01-01T00:00:00Z",
                        "details": {"family": "fake"}} for i, name in enumerate(self.models)]  # fmt: skip
             await _json(send, 200, {"models": models})
+        elif path == "/api/ps":
+            first = self.models[0]
+            await _json(send, 200, {"models": [{"name": first, "model": first, "size": 1000, "size_vram": 1000,
+                                                "details": {"family": "fake"}}]})  # fmt: skip
+        elif path == "/api/show" and method == "POST":
+            model = orjson.loads(await _read_body(receive)).get("model")
+            if model in self.models:
+                shown = {"modelfile": f"FROM {model}", "parameters": "", "template": "{{ .Prompt }}",
+                         "details": {"family": "fake"}, "model_info": {}, "capabilities": ["completion"]}  # fmt: skip
+                await _json(send, 200, shown)
+            else:
+                await _json(send, 404, {"error": f"model '{model}' not found"})
+        elif path == "/api/delete" and method == "DELETE":
+            model = orjson.loads(await _read_body(receive)).get("model")
+            if model in self.models:
+                self.models.remove(model)
+                await _respond(send, 200, b"", b"application/json")
+            else:
+                await _json(send, 404, {"error": f"model '{model}' not found"})
         elif path == "/api/pull" and method == "POST":
             await self._pull(orjson.loads(await _read_body(receive)), receive, send)
         elif path == "/api/generate" and method == "POST":

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import httpx
 
-from app.backends.base import Backend, BackendStatus, ChatInput, Completion, ModelInfo, SupportsPull, Upstream
+from app.backends.base import (
+    Backend,
+    BackendStatus,
+    ChatInput,
+    Completion,
+    ModelInfo,
+    SupportsForward,
+    SupportsPull,
+    Upstream,
+)
 from app.backends.embedded import EmbeddedBackend, EmbeddedEngine, bundled_model_path, default_threads, engine_installed
 from app.backends.ollama import OllamaBackend
 from app.backends.openai_compat import OpenAICompatBackend
@@ -22,7 +31,8 @@ from app.config import Settings
 from app.errors import MiniVaultError
 
 __all__ = [
-    "Backend", "BackendStatus", "ChatInput", "Completion", "ModelInfo", "OllamaBackend", "SupportsPull", "open_backend",
+    "Backend", "BackendStatus", "ChatInput", "Completion", "ModelInfo", "OllamaBackend", "SupportsForward",
+    "SupportsPull", "open_backend",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)

@@ -108,6 +108,15 @@ class SupportsPull(Protocol):
         ...
 
 
+@runtime_checkable
+class SupportsForward(Protocol):
+    """A backend that speaks Ollama's API itself, so MiniVault can pass its other routes through."""
+
+    async def forward(self, method: str, path: str, body: bytes) -> httpx.Response:
+        """The upstream's streaming response to `method path` with `body`; the caller closes it."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
     """How error messages name an upstream and tell the user to start it."""

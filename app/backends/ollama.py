@@ -92,6 +92,15 @@ class OllamaBackend(HttpBackend):
         except httpx.HTTPError as exc:
             raise transport_error(exc, self._upstream, self._client.timeout) from exc
 
+    async def forward(self, method: str, path: str, body: bytes) -> httpx.Response:
+        """Send a request of Ollama's own API on as it came, for the routes MiniVault passes through
+        (`/api/pull`, `/api/delete`, ...); the caller reads and closes the streaming response."""
+        request = self._client.build_request(method, path, content=body or None, headers=_JSON if body else None)
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._upstream, self._client.timeout) from exc
+
     async def warm(self, model: str) -> None:
         """Load `model` into memory: Ollama loads a model for a generate request with no prompt."""
         try:

@@ -103,8 +103,8 @@ def _body(schema: str) -> dict[str, Any]:
 )
 async def chat_completions(request: Request) -> Response:
     """OpenAI's chat completions: messages in, one answer out (streamed with `stream: true`)."""
-    parsed, exchange = await read_exchange(request, "openai", openai.parse_chat_request, lambda p: p[1])
-    body = parsed[0]
+    body, exchange = await read_exchange(request, "openai", openai.parse_chat_request)
+    assert exchange is not None  # OpenAI's requests always ask something
     chunks = openai.ChunkStream(exchange, chat=True, include_usage=body.include_usage)
     return await answer(
         request, exchange, stream=body.stream, whole=openai.chat_completion, token=chunks.token, end=chunks.end,
@@ -139,8 +139,8 @@ async def chat_completions(request: Request) -> Response:
 )
 async def completions(request: Request) -> Response:
     """OpenAI's legacy text completions: one prompt, through the model's chat template like Ollama's /v1."""
-    parsed, exchange = await read_exchange(request, "openai", openai.parse_completion_request, lambda p: p[1])
-    body = parsed[0]
+    body, exchange = await read_exchange(request, "openai", openai.parse_completion_request)
+    assert exchange is not None  # OpenAI's requests always ask something
     chunks = openai.ChunkStream(exchange, chat=False, include_usage=body.include_usage)
     return await answer(
         request, exchange, stream=body.stream, whole=openai.text_completion, token=chunks.token, end=chunks.end,

@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.auth import key_id_of
+from app.backends import ChatInput
 from app.core import Exchange, GenerationService
 from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge
 from app.request_id import client_of, request_id_of
@@ -18,9 +19,10 @@ P = TypeVar("P")
 
 
 async def read_exchange(
-    request: Request, endpoint: Endpoint, parse: Callable[[bytes, int], P], chat_of: Callable[[P], Any]
-) -> tuple[P, Exchange]:
-    """Parse the body with `parse(body, max_prompt_chars)` and open an exchange for `chat_of(parsed)`.
+    request: Request, endpoint: Endpoint, parse: Callable[[bytes, int], tuple[P, ChatInput | None]]
+) -> tuple[P, Exchange | None]:
+    """Parse the body with `parse(body, max_prompt_chars)` into the request and what to ask the backend,
+    and open an exchange for it (None when there is nothing to ask: Ollama's "load the model" requests).
 
     A body that is refused (invalid, too large) is still logged, as on /generate.
     """
@@ -28,11 +30,13 @@ async def read_exchange(
     service: GenerationService = state.service
     request_id, client, key_id = request_id_of(request), client_of(request), key_id_of(request)
     try:
-        parsed = parse(await request.body(), state.settings.max_prompt_chars)
+        parsed, chat = parse(await request.body(), state.settings.max_prompt_chars)
     except (InvalidRequest, PayloadTooLarge) as exc:
         service.reject(request_id, endpoint, client, key_id, exc)
         raise
-    return parsed, service.chat_exchange(request_id, endpoint, client, key_id, chat_of(parsed))
+    if chat is None:
+        return parsed, None
+    return parsed, service.chat_exchange(request_id, endpoint, client, key_id, chat)
 
 
 async def answer(

@@ -1,0 +1,282 @@
+"""The Ollama-compatible API: `/api/generate`, `/api/chat`, `/api/tags`, `/api/show`, `/api/ps` and
+`/api/version` over whichever backend is configured, so Ollama's clients (its Python and JavaScript
+libraries, Open WebUI, editors) can use MiniVault, the embedded engine included.
+
+Generation goes through the service like `/generate` (auth, limits, timeouts, the log with
+`endpoint: "ollama"`, the history). Model management (`/api/pull`, `/api/delete`, ...) only means
+something to a real Ollama: it is passed through to it, and refused with 501 on other backends.
+Errors take Ollama's shape, `{"error": "..."}`.
+"""
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+from starlette.responses import Response, StreamingResponse
+
+from app.backends import Backend, ModelInfo, SupportsForward
+from app.dialects import ollama
+from app.errors import InvalidRequest, ModelNotFound, NotSupported
+from app.responses import OrjsonResponse
+from app.routes.relay import answer, read_exchange
+
+router = APIRouter(prefix="/api", tags=["Ollama-compatible"])
+
+
+class OllamaErrorBody(BaseModel):
+    """Every error on /api, in Ollama's shape; a bad request is 400, as Ollama answers it."""
+
+    error: str
+
+
+_DESCRIPTIONS = {
+    400: "the body is not valid, or asks for something MiniVault cannot do (the message says which field)",
+    404: "the model is not there",
+    413: "the body is over MINIVAULT_MAX_BODY_BYTES",
+    429: "MiniVault's queue is full (Retry-After says when to retry)",
+    501: "the backend is not Ollama, so it has no models to manage",
+    502: "the upstream failed",
+    503: "the upstream cannot be reached, MiniVault is shutting down, or the model is being pulled",
+    504: "the upstream did not answer in time",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": OllamaErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+_GENERATION_ERRORS = _errors(400, 404, 413, 429, 502, 503, 504)
+_NDJSON = "application/x-ndjson"
+
+
+def _body(schema: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{schema}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _ok(description: str, example: dict[str, Any], stream_example: str | None = None) -> dict[int | str, Any]:
+    content: dict[str, Any] = {"application/json": {"example": example}}
+    if stream_example is not None:
+        content[_NDJSON] = {"schema": {"type": "string"}, "example": stream_example}
+    return {200: {"description": description, "content": content}}
+
+
+_FINAL = {
+    "model": "tinyllama:1.1b-chat", "created_at": "2026-11-29T21:40:57.291Z", "done": True, "done_reason": "stop",
+    "total_duration": 845400000, "prompt_eval_count": 24, "prompt_eval_duration": 23800000, "eval_count": 15,
+    "eval_duration": 821600000,
+}  # fmt: skip
+
+
+@router.post(
+    "/generate",
+    responses={
+        **_ok(
+            "One object with `stream: false`; else NDJSON lines, the last with `done: true` and the counts.",
+            {**_FINAL, "response": "Sunlight scatters off air molecules."},
+            '{"model":"tinyllama:1.1b-chat","created_at":"2026-11-29T21:40:56.445Z","response":"Sun","done":false}\n',
+        ),
+        **_GENERATION_ERRORS,
+    },
+    openapi_extra=_body("GenerateBody"),
+)
+async def generate(request: Request) -> Response:
+    """Ollama's generate: a prompt in, the answer out (NDJSON unless `stream: false`)."""
+    body, exchange = await read_exchange(request, "ollama", ollama.parse_generate)
+    return await _answer(request, body, exchange, chat=False)
+
+
+@router.post(
+    "/chat",
+    responses={
+        **_ok(
+            "One object with `stream: false`; else NDJSON lines, the last with `done: true` and the counts.",
+            {**_FINAL, "message": {"role": "assistant", "content": "Sunlight scatters off air molecules."}},
+            '{"model":"tinyllama:1.1b-chat","created_at":"2026-11-29T21:40:56.445Z","message":{"role":"assistant",'
+            '"content":"Sun"},"done":false}\n',
+        ),
+        **_GENERATION_ERRORS,
+    },
+    openapi_extra=_body("ChatBody"),
+)
+async def chat(request: Request) -> Response:
+    """Ollama's chat: messages in, the assistant's next message out (NDJSON unless `stream: false`)."""
+    body, exchange = await read_exchange(request, "ollama", ollama.parse_chat)
+    return await _answer(request, body, exchange, chat=True)
+
+
+async def _answer(request: Request, body: ollama.GenerateBody | ollama.ChatBody, exchange: Any, chat: bool) -> Response:
+    if exchange is None:
+        # No prompt: Ollama loads the model and says so; so does MiniVault, on any backend.
+        backend: Backend = request.app.state.backend
+        await backend.warm(body.model)
+        return OrjsonResponse(ollama.loaded(body.model, chat))
+    lines = ollama.LineStream(exchange, chat)
+    return await answer(
+        request, exchange, stream=body.stream, whole=lines.whole, token=lines.token, end=lines.end,
+        on_error=ollama.error_line, media_type=_NDJSON,
+    )  # fmt: skip
+
+
+_TAG_EXAMPLE = {
+    "name": "tinyllama:1.1b-chat", "model": "tinyllama:1.1b-chat", "modified_at": "2026-11-01T10:00:00Z",
+    "size": 637700138, "digest": "2644915ede35", "details": {"family": "llama", "parameter_size": "1B"},
+}  # fmt: skip
+
+
+@router.get(
+    "/tags", responses={**_ok("The models the backend has.", {"models": [_TAG_EXAMPLE]}), **_errors(502, 503, 504)}
+)
+async def tags(request: Request) -> Response:
+    """The models the backend has, as Ollama lists them."""
+    backend: Backend = request.app.state.backend
+    if isinstance(backend, SupportsForward):
+        return await _forwarded(backend, request)
+    return OrjsonResponse({"models": [ollama.tag(m) for m in await backend.list_models()]})
+
+
+class ShowBody(BaseModel):
+    """The body of `POST /api/show` (`name` is the older spelling of `model`)."""
+
+    model: str | None = None
+    name: str | None = None
+
+
+@router.post(
+    "/show",
+    responses={
+        **_ok(
+            "What Ollama knows of the model (on other backends: its name and details).",
+            {
+                "modelfile": "",
+                "parameters": "",
+                "template": "",
+                "details": _TAG_EXAMPLE["details"],
+                "model_info": {},
+                "capabilities": ["completion"],
+                "modified_at": "2026-11-01T10:00:00Z",
+            },
+        ),  # fmt: skip
+        **_errors(400, 404, 502, 503, 504),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": ShowBody.model_json_schema(),
+                    "example": {"model": "tinyllama:1.1b-chat"},
+                }
+            },
+        }
+    },  # fmt: skip
+)
+async def show(request: Request) -> Response:
+    """Details of one model; 404 when the backend does not have it."""
+    backend: Backend = request.app.state.backend
+    if isinstance(backend, SupportsForward):
+        return await _forwarded(backend, request)
+    raw = await request.body()
+    try:
+        body = ShowBody.model_validate_json(raw or b"{}")
+    except ValueError:
+        raise InvalidRequest('the body must be a JSON object like {"model": "llama3"}') from None
+    name = body.model or body.name
+    if not name:
+        raise InvalidRequest('model: is required, as in {"model": "llama3"}')
+    info = await _find(backend, name)
+    return OrjsonResponse(
+        {
+            "modelfile": "",
+            "parameters": "",
+            "template": "",
+            "details": info.details,
+            "model_info": {},
+            "capabilities": ["completion"],
+            "modified_at": info.modified_at,
+        }  # fmt: skip
+    )
+
+
+@router.get(
+    "/ps",
+    responses={
+        **_ok("The models loaded now (on other backends: those it serves, which stay loaded).",
+              {"models": [{**_TAG_EXAMPLE, "size_vram": 0}]}),
+        **_errors(502, 503, 504),
+    },
+)  # fmt: skip
+async def ps(request: Request) -> Response:
+    """The models in memory."""
+    backend: Backend = request.app.state.backend
+    if isinstance(backend, SupportsForward):
+        return await _forwarded(backend, request)
+    found = await backend.list_models()
+    return OrjsonResponse({"models": [{**ollama.tag(m), "size_vram": 0} for m in found]})
+
+
+_VERSION = _ok("Ollama's version, or the one whose API MiniVault answers.", {"version": ollama.OLLAMA_API_VERSION})
+
+
+@router.get("/version", responses={**_VERSION, **_errors(502, 503, 504)})
+async def version(request: Request) -> Response:
+    """The Ollama version behind MiniVault (with another backend: the Ollama API version MiniVault follows)."""
+    backend: Backend = request.app.state.backend
+    if isinstance(backend, SupportsForward):
+        return await _forwarded(backend, request)
+    return OrjsonResponse({"version": ollama.OLLAMA_API_VERSION})
+
+
+async def _find(backend: Backend, name: str) -> ModelInfo:
+    found = await backend.list_models()
+    for info in found:
+        if info.name == name or info.name == f"{name}:latest":
+            return info
+    raise ModelNotFound(f"model '{name}' not found (the backend has: {', '.join(m.name for m in found) or 'none'})")
+
+
+async def _forwarded(backend: SupportsForward, request: Request) -> Response:
+    upstream = await backend.forward(request.method, request.url.path, await request.body())
+    return StreamingResponse(
+        upstream.aiter_raw(),
+        status_code=upstream.status_code,
+        media_type=upstream.headers.get("content-type"),
+        background=BackgroundTask(upstream.aclose),
+    )
+
+
+# Ollama's model management and embeddings: passed to a real Ollama as they are.
+_FORWARDED = {
+    ("POST", "/pull"): ("Download a model", {"model": "tinyllama:1.1b-chat"}),
+    ("POST", "/push"): ("Upload a model to a registry", {"model": "me/mymodel:latest"}),
+    ("POST", "/create"): ("Create a model", {"model": "mario", "from": "llama3", "system": "You are Mario."}),
+    ("POST", "/copy"): ("Copy a model", {"source": "llama3", "destination": "llama3-backup"}),
+    ("DELETE", "/delete"): ("Delete a model", {"model": "llama3-backup"}),
+    ("POST", "/embed"): ("Embeddings", {"model": "all-minilm", "input": "Why is the sky blue?"}),
+    ("POST", "/embeddings"): ("Embeddings (older route)", {"model": "all-minilm", "prompt": "Why is the sky blue?"}),
+    ("HEAD", "/blobs/{digest}"): ("Does Ollama have this blob", None),
+    ("POST", "/blobs/{digest}"): ("Upload a blob (within MINIVAULT_MAX_BODY_BYTES)", None),
+}
+
+
+async def forward(request: Request) -> Response:
+    """Passed on to Ollama; refused with 501 when the backend is not Ollama."""
+    backend: Backend = request.app.state.backend
+    if not isinstance(backend, SupportsForward):
+        raise NotSupported(
+            f"{request.method} {request.url.path} manages Ollama's own models; the {backend.name} backend has none "
+            "to manage (use MINIVAULT_BACKEND=ollama)"
+        )
+    return await _forwarded(backend, request)
+
+
+for (_method, _path), (_summary, _example) in _FORWARDED.items():
+    _extra = None
+    if _example is not None:
+        _extra = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}, "example": _example}}}}
+    router.add_api_route(
+        _path, forward, methods=[_method], summary=f"{_summary} (passed through to Ollama)", openapi_extra=_extra,
+        responses={"default": {"description": "Ollama's own answer, as it came"}, **_errors(501)},
+        name=f"ollama_{_method.lower()}_{_path.strip('/').split('/')[0]}",
+    )  # fmt: skip
