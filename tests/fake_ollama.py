@@ -104,7 +104,7 @@ class FakeOllama:
             await _json(send, 200, {"models": [{"name": first, "model": first, "size": 1000, "size_vram": 1000,
                                                 "details": {"family": "fake"}}]})  # fmt: skip
         elif path == "/api/show" and method == "POST":
-            model = orjson.loads(await _read_body(receive)).get("model")
+            model = _model_of(await _read_body(receive))
             if model in self.models:
                 shown = {"modelfile": f"FROM {model}", "parameters": "", "template": "{{ .Prompt }}",
                          "details": {"family": "fake"}, "model_info": {}, "capabilities": ["completion"]}  # fmt: skip
@@ -112,14 +112,18 @@ class FakeOllama:
             else:
                 await _json(send, 404, {"error": f"model '{model}' not found"})
         elif path == "/api/delete" and method == "DELETE":
-            model = orjson.loads(await _read_body(receive)).get("model")
+            model = _model_of(await _read_body(receive))
             if model in self.models:
                 self.models.remove(model)
                 await _respond(send, 200, b"", b"application/json")
             else:
                 await _json(send, 404, {"error": f"model '{model}' not found"})
         elif path == "/api/pull" and method == "POST":
-            await self._pull(orjson.loads(await _read_body(receive)), receive, send)
+            payload = _object_of(await _read_body(receive))
+            if payload is not None and isinstance(payload.get("model"), str):
+                await self._pull(payload, receive, send)
+            else:
+                await _json(send, 400, {"error": "invalid request body"})
         elif path == "/api/generate" and method == "POST":
             self.client_ports.append(scope["client"][1])
             await self._generate(orjson.loads(await _read_body(receive)), receive, send)
@@ -311,6 +315,21 @@ def _token_line(payload: dict[str, Any], model: str, token: str) -> dict[str, An
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _object_of(body: bytes) -> dict[str, Any] | None:
+    """A management request's JSON object; None for a body that is not one (Ollama answers 400)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _model_of(body: bytes) -> object:
+    """The `model` a management request names; None for a body that is not a JSON object."""
+    payload = _object_of(body)
+    return payload.get("model") if payload is not None else None
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -7,6 +7,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import from_json
 
 from app.backends import ChatInput, ModelInfo
 from app.core import Exchange
@@ -102,8 +103,9 @@ def _validate(model: type[B], raw: bytes, example: str) -> B:
     if not raw.strip():
         raise InvalidRequest(f"the body is empty: send a JSON object like {example}")
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        # pydantic's parser, as for /generate: it keeps integers past 64 bits exact, so range checks see them.
+        body = from_json(raw)
+    except ValueError as exc:
         raise InvalidRequest(f"the body is not valid JSON ({exc}): send an object like {example}") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"the body must be a JSON object like {example}")

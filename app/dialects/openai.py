@@ -4,15 +4,16 @@ translation into a `ChatInput`, and the responses and `chat.completion.chunk` st
 import re
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import from_json
 
 from app.backends import ChatInput
 from app.core import Exchange
 from app.errors import InvalidRequest, MiniVaultError, openai_error_body
-from app.schemas import INT64_MAX, INT64_MIN, describe_validation_errors
+from app.schemas import INT64_MAX, INT64_MIN, NOT_BLANK, describe_validation_errors
 
 S = TypeVar("S", bound="_Sampling")
 
@@ -77,6 +78,12 @@ class _Sampling(BaseModel):
         }
         return {name: value for name, value in options.items() if value is not None} or None
 
+    @field_validator("max_tokens", "seed", "n", mode="before")
+    @classmethod
+    def _integral_float(cls, value: object) -> object:
+        """JSON Schema's `integer` includes 2.0; strict mode alone would refuse it."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -100,6 +107,15 @@ class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX, description="The newer name of max_tokens.")
 
+    @field_validator("max_completion_tokens", mode="before")
+    @classmethod
+    def _integral(cls, value: object) -> object:
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Not blank, as /generate's prompt: the pattern is for the schema, the check is in parse_completion_request.
+_Prompt = Annotated[str, Field(json_schema_extra={"pattern": NOT_BLANK})]
+
 
 class CompletionRequest(_Sampling):
     """The body of `POST /v1/completions` (the legacy text-completion endpoint)."""
@@ -110,7 +126,9 @@ class CompletionRequest(_Sampling):
         }
     )
 
-    prompt: str | list[str] = Field(description="One prompt; a list must hold exactly one.")
+    prompt: _Prompt | Annotated[list[_Prompt], Field(min_length=1, max_length=1)] = Field(
+        description="One prompt, not blank; a list must hold exactly one."
+    )
 
 
 # Fields that would change the answer but cannot be honoured: refused with a reason rather than
@@ -140,8 +158,9 @@ def _validate(model: type[S], raw: bytes, example: str) -> S:
     if not raw.strip():
         raise InvalidRequest(f"the body is empty: send a JSON object like {example}")
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        # pydantic's parser, as for /generate: it keeps integers past 64 bits exact, so range checks see them.
+        body = from_json(raw)
+    except ValueError as exc:
         raise InvalidRequest(f"the body is not valid JSON ({exc}): send an object like {example}") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"the body must be a JSON object like {example}")

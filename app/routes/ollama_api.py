@@ -11,7 +11,7 @@ Errors take Ollama's shape, `{"error": "..."}`.
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
@@ -20,6 +20,7 @@ from app.dialects import ollama
 from app.errors import InvalidRequest, ModelNotFound, NotSupported
 from app.responses import OrjsonResponse
 from app.routes.relay import answer, read_exchange
+from app.schemas import describe_validation_errors
 
 router = APIRouter(prefix="/api", tags=["Ollama-compatible"])
 
@@ -139,8 +140,16 @@ async def tags(request: Request) -> Response:
 class ShowBody(BaseModel):
     """The body of `POST /api/show` (`name` is the older spelling of `model`)."""
 
-    model: str | None = None
-    name: str | None = None
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "model" not in data and "name" in data:
+            return {**data, "model": data["name"]}
+        return data
 
 
 @router.post(
@@ -175,16 +184,14 @@ class ShowBody(BaseModel):
 async def show(request: Request) -> Response:
     """Details of one model; 404 when the backend does not have it."""
     backend: Backend = request.app.state.backend
+    example = '{"model": "llama3"}'
+    try:
+        body = ShowBody.model_validate_json(await request.body() or b"{}")
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_errors(exc, example)) from None
+    name = body.model
     if isinstance(backend, SupportsForward):
         return await _forwarded(backend, request)
-    raw = await request.body()
-    try:
-        body = ShowBody.model_validate_json(raw or b"{}")
-    except ValueError:
-        raise InvalidRequest('the body must be a JSON object like {"model": "llama3"}') from None
-    name = body.model or body.name
-    if not name:
-        raise InvalidRequest('model: is required, as in {"model": "llama3"}')
     info = await _find(backend, name)
     return OrjsonResponse(
         {
@@ -237,7 +244,9 @@ async def _find(backend: Backend, name: str) -> ModelInfo:
 
 
 async def _forwarded(backend: SupportsForward, request: Request) -> Response:
-    upstream = await backend.forward(request.method, request.url.path, await request.body())
+    # The path as it arrived, still percent-encoded: a decoded digest may hold bytes no URL can.
+    path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
+    upstream = await backend.forward(request.method, path, await request.body())
     return StreamingResponse(
         upstream.aiter_raw(),
         status_code=upstream.status_code,
@@ -255,13 +264,32 @@ _FORWARDED = {
     ("DELETE", "/delete"): ("Delete a model", {"model": "llama3-backup"}),
     ("POST", "/embed"): ("Embeddings", {"model": "all-minilm", "input": "Why is the sky blue?"}),
     ("POST", "/embeddings"): ("Embeddings (older route)", {"model": "all-minilm", "prompt": "Why is the sky blue?"}),
-    ("HEAD", "/blobs/{digest}"): ("Does Ollama have this blob", None),
-    ("POST", "/blobs/{digest}"): ("Upload a blob (within MINIVAULT_MAX_BODY_BYTES)", None),
 }
+_AS_IT_CAME = {"description": "Ollama's own answer, as it came", "content": {"*/*": {"schema": {}}}}
+# Their contract is Ollama's (statuses, bodies, content types), passed on unchanged.
+PASS_THROUGH_TAG = "Ollama pass-through"
 
 
 async def forward(request: Request) -> Response:
     """Passed on to Ollama; refused with 501 when the backend is not Ollama."""
+    return await _forward(request)
+
+
+@router.head("/blobs/{digest}", summary="Does Ollama have this blob (passed through to Ollama)",
+             responses={"default": _AS_IT_CAME, **_errors(501)}, tags=[PASS_THROUGH_TAG])  # fmt: skip
+async def blob_exists(digest: str, request: Request) -> Response:
+    """Passed on to Ollama; refused with 501 when the backend is not Ollama."""
+    return await _forward(request)
+
+
+@router.post("/blobs/{digest}", summary="Upload a blob, within MINIVAULT_MAX_BODY_BYTES (passed through to Ollama)",
+             responses={"default": _AS_IT_CAME, **_errors(501)}, tags=[PASS_THROUGH_TAG])  # fmt: skip
+async def blob_upload(digest: str, request: Request) -> Response:
+    """Passed on to Ollama; refused with 501 when the backend is not Ollama."""
+    return await _forward(request)
+
+
+async def _forward(request: Request) -> Response:
     backend: Backend = request.app.state.backend
     if not isinstance(backend, SupportsForward):
         raise NotSupported(
@@ -277,6 +305,6 @@ for (_method, _path), (_summary, _example) in _FORWARDED.items():
         _extra = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}, "example": _example}}}}
     router.add_api_route(
         _path, forward, methods=[_method], summary=f"{_summary} (passed through to Ollama)", openapi_extra=_extra,
-        responses={"default": {"description": "Ollama's own answer, as it came"}, **_errors(501)},
+        responses={"default": _AS_IT_CAME, **_errors(501)}, tags=[PASS_THROUGH_TAG],
         name=f"ollama_{_method.lower()}_{_path.strip('/').split('/')[0]}",
     )  # fmt: skip

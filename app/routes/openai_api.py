@@ -49,7 +49,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _GENERATION_ERRORS = _errors(404, 413, 422, 429, 502, 503, 504)
 _STREAM = {
     "text/event-stream": {
-        "schema": {"type": "string"},
+        # One event: OpenAI's frames are unnamed, `data` only (JSON, or `[DONE]` at the end).
+        "schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}},
         "example": 'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":'
         '{"content":"Hi"},"finish_reason":null}]}\n\ndata: [DONE]\n\n',
     }
