@@ -21,7 +21,7 @@ from typing import Any
 
 import uvloop
 
-from bench import clients, gateway, history, streams
+from bench import clients, dialects, gateway, history, streams
 from bench.procs import ROOT, Served, start_fake, start_minivault
 from bench.wrk import run_wrk
 
@@ -124,6 +124,8 @@ def run(plan: Plan) -> dict[str, Any]:
             for connections in (16, 64):
                 say(f"throughput at concurrency {connections}")
                 results |= throughput(fake, minivault, connections, rounds, seconds)
+            say("OpenAI- and Ollama-compatible routes beside /generate: CPU per request at concurrency 16")
+            results |= dialects.measure(minivault, 16, rounds, seconds)
             say("time to first token (256 tokens, 1 ms apart)")
             results |= uvloop.run(streams.time_to_first_token(fake, minivault, plan.ttft_runs))
             say("relay CPU per streamed token")
@@ -210,6 +212,7 @@ def table(r: dict[str, Any]) -> str:
          f"{r['workers2_c64_rps'] / r['c64_rps']:.2f}× one worker", "", None),
         *gateway_rows(r),
         *history_rows(r),
+        *dialect_rows(r),
         ("2 workers: log lines, all valid and unique", f"{r['two_worker_log']['log_lines']:,}",
          f"{r['two_worker_log']['log_bad_lines']} bad, {r['two_worker_log']['log_unique_ids']:,} unique ids", "",
          r["two_worker_log"]["log_bad_lines"] == 0
@@ -219,6 +222,22 @@ def table(r: dict[str, Any]) -> str:
     for name, value, baseline, target, ok in rows:
         lines.append(f"| {name} | {value} | {baseline} | {target} | {'' if ok is None else verdict(ok)} |")
     return "\n".join(lines)
+
+
+def dialect_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """The OpenAI and Ollama routes against /generate answering the same way, in the same server and run."""
+    rows = []
+    for name, label in (("openai", "OpenAI /v1/chat/completions"), ("ollama", "Ollama /api/generate")):
+        plain, stream = r[f"dialect_{name}_ratio"], r[f"dialect_{name}_stream_ratio"]
+        streamed = "/v1/chat/completions" if name == "openai" else "/api/chat"
+        rows.append((
+            f"{label}: CPU per request, concurrency 16 (JSON; streamed {streamed})",
+            f"{r[f'dialect_{name}_cpu_ms']:.2f} ms; {r[f'dialect_{name}_stream_cpu_ms']:.2f} ms",
+            f"/generate {r['dialect_native_cpu_ms']:.2f} ms, {plain:.2f}×; "
+            f"streamed {r['dialect_native_stream_cpu_ms']:.2f} ms, {stream:.2f}×",
+            "≤ 1.15× /generate", max(plain, stream) <= 1.15 and r["dialect_errors"] == 0,
+        ))  # fmt: skip
+    return rows
 
 
 def gateway_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:

@@ -1,4 +1,4 @@
-"""The fake Ollama's fast mode: the same `/api/generate` NDJSON stream from a bare asyncio protocol.
+"""The fake Ollama's fast mode: the same `/api/generate` and `/api/chat` NDJSON streams from a bare asyncio protocol.
 
 Made for benchmarks, where the upstream must cost far less than the proxy under test (about
 tens of microseconds of CPU per request). The prompt steers it: `tokens=N interval_ms=M`
@@ -9,6 +9,7 @@ moment it was sent, so a client on the same machine can measure each token's del
 import asyncio
 import re
 import time
+from collections.abc import Callable
 
 import orjson
 
@@ -54,16 +55,17 @@ class FastOllamaProtocol(asyncio.Protocol):
     def _handle(self, request_line: list[bytes], body: bytes) -> None:
         assert self.transport is not None
         method, path = request_line if len(request_line) == 2 else (b"", b"")
-        if method == b"post" and path == b"/api/generate":
+        if method == b"post" and path in (b"/api/generate", b"/api/chat"):
             knobs = dict(_PROMPT_KNOBS.findall(body))
+            line = _token_line if path == b"/api/generate" else _chat_line
             tokens, interval = int(knobs.get(b"tokens", 16)), int(knobs.get(b"interval_ms", 0)) / 1000
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
             )
             if interval:
-                self.streaming = asyncio.get_running_loop().create_task(self._paced(tokens, interval))
+                self.streaming = asyncio.get_running_loop().create_task(self._paced(tokens, interval, line))
             else:
-                self.transport.write(b"".join(_chunk(_token_line()) for _ in range(tokens)) + _final(tokens))
+                self.transport.write(b"".join(_chunk(line()) for _ in range(tokens)) + _final(tokens))
         elif path in (b"/api/tags", b"/api/version"):
             payload = _TAGS if path == b"/api/tags" else b'{"version":"0.0.0-fast"}'
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
@@ -71,7 +73,7 @@ class FastOllamaProtocol(asyncio.Protocol):
         else:
             self.transport.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
 
-    async def _paced(self, tokens: int, interval: float) -> None:
+    async def _paced(self, tokens: int, interval: float, line: Callable[[], bytes]) -> None:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -80,13 +82,17 @@ class FastOllamaProtocol(asyncio.Protocol):
             # on absolute deadlines, so timer slack does not accumulate over a long answer.
             if index:
                 await asyncio.sleep(max(0.0, start + index * interval - loop.time()))
-            self.transport.write(_chunk(_token_line()))
+            self.transport.write(_chunk(line()))
         self.transport.write(_final(tokens))
         self.streaming = None
 
 
 def _token_line() -> bytes:
     return b'{"model":"bench","response":"t%d ","done":false}\n' % time.monotonic_ns()
+
+
+def _chat_line() -> bytes:
+    return b'{"model":"bench","message":{"role":"assistant","content":"t%d "},"done":false}\n' % time.monotonic_ns()
 
 
 def _final(tokens: int) -> bytes:

@@ -50,6 +50,7 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert figures["ws_tokens_received"] == 50 * 100
     assert figures["two_worker_log"]["log_bad_lines"] == 0
     assert figures["two_worker_log"]["log_unique_ids"] == figures["two_worker_log"]["log_lines"]
+    assert figures["dialect_errors"] == 0
     table = (tmp_path / "latest.md").read_text()
-    assert table.count("\n| ") == 28  # the header row and one row per measure
+    assert table.count("\n| ") == 30  # the header row and one row per measure
     assert "| Requests/s, concurrency 16 |" in result.stdout

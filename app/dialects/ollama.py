@@ -6,8 +6,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import from_json
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.backends import ChatInput, ModelInfo
 from app.core import Exchange
@@ -26,8 +25,9 @@ _CHAT_EXAMPLE = '{"model": "llama3", "messages": [{"role": "user", "content": "H
 
 class _Body(BaseModel):
     # Fields that change nothing here (`keep_alive`: the backend keeps its own models loaded) are
-    # accepted; fields that would change the answer but cannot be honoured are refused by name.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # accepted; fields that would change the answer but cannot be honoured are refused by name
+    # (`_REFUSED`, checked against the extras).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1, description="A model the backend has (GET /api/tags).")
     options: Options | None = Field(None, description="Ollama model options.")
@@ -53,10 +53,17 @@ class GenerateBody(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str = ""
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _no_tools(cls, value: object) -> object:
+        if value == "tool":
+            raise ValueError("the `tool` role is not supported (no tool calling); remove the message")
+        return value
 
 
 class ChatBody(_Body):
@@ -103,26 +110,18 @@ def _validate(model: type[B], raw: bytes, example: str) -> B:
     if not raw.strip():
         raise InvalidRequest(f"the body is empty: send a JSON object like {example}")
     try:
-        # pydantic's parser, as for /generate: it keeps integers past 64 bits exact, so range checks see them.
-        body = from_json(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not valid JSON ({exc}): send an object like {example}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"the body must be a JSON object like {example}")
-    for field, (refused, reason) in _REFUSED.items():
-        if field in body and refused(body[field]):
-            raise InvalidRequest(reason)
-    for message in body.get("messages") or ():
-        if isinstance(message, dict):
-            if message.get("role") == "tool":
-                raise InvalidRequest("messages: the `tool` role is not supported (no tool calling); remove it")
-            for field, reason in _REFUSED_IN_MESSAGES.items():
-                if _present(message.get(field)):
-                    raise InvalidRequest(reason)
-    try:
-        return model.model_validate(body)
+        body = model.model_validate_json(raw)
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_errors(exc, example)) from None
+    for field, value in (body.model_extra or {}).items():
+        rule = _REFUSED.get(field)
+        if rule is not None and rule[0](value):
+            raise InvalidRequest(rule[1])
+    for message in getattr(body, "messages", ()):
+        for field, value in (message.model_extra or {}).items():
+            if field in _REFUSED_IN_MESSAGES and _present(value):
+                raise InvalidRequest(_REFUSED_IN_MESSAGES[field])
+    return body
 
 
 def _options(body: _Body) -> dict[str, Any] | None:
@@ -180,15 +179,17 @@ class LineStream:
     def __init__(self, exchange: Exchange, chat: bool) -> None:
         self.exchange = exchange
         self.chat = chat
-        marker = "__TOKEN__"
-        line = {"model": exchange.model, "created_at": exchange.iso_ts, **self._text(marker), "done": False}
-        self.head, _, self.tail = orjson.dumps(line).partition(orjson.dumps(marker))
-        self.tail += b"\n"
+        self.head = self.tail = b""
 
     def _text(self, text: str) -> dict[str, Any]:
         return {"message": {"role": "assistant", "content": text}} if self.chat else {"response": text}
 
     def token(self, text: str) -> bytes:
+        if not self.head:  # the first token: encode the line around it once
+            exchange = self.exchange
+            line = {"model": exchange.model, "created_at": exchange.iso_ts, **self._text("__TOKEN__"), "done": False}
+            head, _, tail = orjson.dumps(line).partition(b'"__TOKEN__"')
+            self.head, self.tail = head, tail + b"\n"
         return self.head + orjson.dumps(text) + self.tail
 
     def final(self, text: str) -> dict[str, Any]:

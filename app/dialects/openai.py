@@ -8,7 +8,6 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_core import from_json
 
 from app.backends import ChatInput
 from app.core import Exchange
@@ -50,8 +49,8 @@ class _Sampling(BaseModel):
 
     # Fields OpenAI defines that change nothing here (`user`, `metadata`, `store`, ...) and fields of
     # other OpenAI-compatible servers are ignored, as those servers do; fields that would change the
-    # answer but cannot be honoured are refused by name (`_REFUSED`).
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # answer but cannot be honoured are refused by name (`_REFUSED`, checked against the extras).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1, description="A model the backend has (GET /v1/models).")
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
@@ -83,6 +82,13 @@ class _Sampling(BaseModel):
     def _integral_float(cls, value: object) -> object:
         """JSON Schema's `integer` includes 2.0; strict mode alone would refuse it."""
         return int(value) if isinstance(value, float) and value.is_integer() else value
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _one_answer(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            raise ValueError("must be 1: MiniVault returns one answer per request (send n requests instead)")
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -158,22 +164,15 @@ def _validate(model: type[S], raw: bytes, example: str) -> S:
     if not raw.strip():
         raise InvalidRequest(f"the body is empty: send a JSON object like {example}")
     try:
-        # pydantic's parser, as for /generate: it keeps integers past 64 bits exact, so range checks see them.
-        body = from_json(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not valid JSON ({exc}): send an object like {example}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"the body must be a JSON object like {example}")
-    for field, (refused, reason) in _REFUSED.items():
-        if field in body and refused(body[field]):
-            raise _invalid(reason, field)
-    if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > 1:
-        raise _invalid("`n` must be 1: MiniVault returns one answer per request (send n requests instead)", "n")
-    try:
-        return model.model_validate(body)
+        request = model.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]["loc"]
         raise _invalid(describe_validation_errors(exc, example), str(first[0]) if first else None) from None
+    for field, value in (request.model_extra or {}).items():
+        rule = _REFUSED.get(field)
+        if rule is not None and rule[0](value):
+            raise _invalid(rule[1], field)
+    return request
 
 
 def _invalid(message: str, param: str | None) -> InvalidRequest:
@@ -276,13 +275,7 @@ class ChunkStream:
         self.chat = chat
         self.include_usage = include_usage
         self.first = True
-        frame = self._frame(None)
-        marker = b'"__TOKEN__"'
-        # The frame with a placeholder, split around it: what goes before and after each token.
-        whole = orjson.dumps(self._with_choice(frame, marker.decode().strip('"')))
-        self.head, _, self.tail = whole.partition(marker)
-        self.head = b"data: " + self.head
-        self.tail += b"\n\n"
+        self.head = self.tail = b""
 
     def _frame(self, choices: list[dict[str, Any]] | None) -> dict[str, Any]:
         exchange = self.exchange
@@ -303,12 +296,17 @@ class ChunkStream:
         return {**frame, "choices": [choice]}
 
     def token(self, text: str) -> bytes:
-        if self.first and self.chat:
-            # The first chunk also says whose message this is, as OpenAI's does.
+        if self.first:
             self.first = False
-            frame = self._with_choice(self._frame(None), text)
-            frame["choices"][0]["delta"] = {"role": "assistant", "content": text}
-            return b"data: " + orjson.dumps(frame) + b"\n\n"
+            # The frame with a placeholder, split around it: what goes before and after each later token.
+            whole = orjson.dumps(self._with_choice(self._frame(None), "__TOKEN__"))
+            head, _, tail = whole.partition(b'"__TOKEN__"')
+            self.head, self.tail = b"data: " + head, tail + b"\n\n"
+            if self.chat:
+                # The first chunk also says whose message this is, as OpenAI's does.
+                frame = self._with_choice(self._frame(None), text)
+                frame["choices"][0]["delta"] = {"role": "assistant", "content": text}
+                return b"data: " + orjson.dumps(frame) + b"\n\n"
         return self.head + orjson.dumps(text) + self.tail
 
     def end(self) -> bytes:
