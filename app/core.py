@@ -422,12 +422,13 @@ class GenerationService:
 
     def reject(
         self, request_id: str, endpoint: Endpoint, client: str | None, key_id: str | None,
-        error: MiniVaultError, prompt: object = None,
+        error: MiniVaultError, prompt: object = None, model: object = None,
     ) -> None:  # fmt: skip
-        """Log a request refused before it reached the service, with whatever prompt it carried."""
+        """Log a request refused before it reached the service, with whatever prompt and model it named."""
         exchange = Exchange(
-            request_id, endpoint, client, key_id, self.backend, prompt=prompt if isinstance(prompt, str) else None
-        )
+            request_id, endpoint, client, key_id, self.backend, prompt=prompt if isinstance(prompt, str) else None,
+            model=model if isinstance(model, str) and model else None,
+        )  # fmt: skip
         exchange.status = "error"
         exchange.error = error
         self.finish(exchange)

@@ -111,6 +111,8 @@ async def _answer(request: Request, body: ollama.GenerateBody | ollama.ChatBody,
     if exchange is None:
         # No prompt: Ollama loads the model and says so; so does MiniVault, on any backend.
         backend: Backend = request.app.state.backend
+        if not isinstance(backend, SupportsForward):
+            await _find(backend, body.model)  # Ollama's warm-up says 404 itself; other backends' do not check
         await backend.warm(body.model)
         return OrjsonResponse(ollama.loaded(body.model, chat))
     lines = ollama.LineStream(exchange, chat)

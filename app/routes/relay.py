@@ -4,6 +4,7 @@ are logged too), and answering it whole or as a stream in the route's own wire f
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar, cast
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -29,14 +30,31 @@ async def read_exchange(
     state = request.app.state
     service: GenerationService = state.service
     request_id, client, key_id = request_id_of(request), client_of(request), key_id_of(request)
+    raw = b""
     try:
-        parsed, chat = parse(await request.body(), state.settings.max_prompt_chars)
+        raw = await request.body()
+        parsed, chat = parse(raw, state.settings.max_prompt_chars)
     except (InvalidRequest, PayloadTooLarge) as exc:
-        service.reject(request_id, endpoint, client, key_id, exc)
+        service.reject(request_id, endpoint, client, key_id, exc, *_asked(raw))
         raise
     if chat is None:
         return parsed, None
     return parsed, service.chat_exchange(request_id, endpoint, client, key_id, chat)
+
+
+def _asked(raw: bytes) -> tuple[object, object]:
+    """The prompt (or last message) and model a refused body named, as far as it can be read."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    prompt = body.get("prompt")
+    messages = body.get("messages")
+    if prompt is None and isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        prompt = messages[-1].get("content")
+    return prompt, body.get("model")
 
 
 async def answer(
