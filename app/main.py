@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="MiniVault",
         version=__version__,
         summary="A local REST, SSE and WebSocket gateway in front of a local LLM.",
+        description=ws.WS_DOC,
         lifespan=lifespan,
         docs_url=None,  # served by app.routes.pages, from local files
         redoc_url=None,
@@ -160,7 +161,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     API key schemes, and the 401 that every route but /health and /ready can answer."""
     if app.openapi_schema:
         return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    schema = get_openapi(
+        title=app.title, version=app.version, summary=app.summary, description=app.description, routes=app.routes
+    )
     components = schema.setdefault("components", {})
     models = components.setdefault("schemas", {})
     for model in (

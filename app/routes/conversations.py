@@ -34,7 +34,19 @@ class TurnOut(BaseModel):
     ts: str
 
 
+_CONVERSATION_EXAMPLE = {
+    "id": "4f1c2b7e9a0d4e5f8a6b3c2d1e0f9a8b", "title": "Why is the sky blue?", "system": "Be brief.",
+    "created": "2026-11-29T21:40:56.445Z", "updated": "2026-11-29T21:41:10.002Z",
+}  # fmt: skip
+_TURN_EXAMPLE = {
+    "prompt": "Why is the sky blue?", "response": "Air scatters blue light the most.",
+    "exchange_id": "5f0c3f7e2b9d4c3e8a1b2c3d4e5f6a7b", "ts": "2026-11-29T21:41:09.120Z",
+}  # fmt: skip
+
+
 class ConversationOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{**_CONVERSATION_EXAMPLE, "turns": [_TURN_EXAMPLE]}]})
+
     id: str
     title: str | None = Field(description="The first prompt, shortened; null until the first answer.")
     system: str | None
@@ -44,6 +56,8 @@ class ConversationOut(BaseModel):
 
 
 class ConversationPage(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [_CONVERSATION_EXAMPLE], "next_cursor": None}]})
+
     items: list[ConversationOut]
     next_cursor: str | None
 
@@ -116,7 +130,9 @@ async def get_conversation(request: Request, conversation_id: Annotated[str, Pat
 
 
 @router.delete("/{conversation_id}", status_code=204, responses={**_NOT_FOUND, **_OFF})
-async def delete_conversation(request: Request, conversation_id: Annotated[str, Path(pattern=_ID)]) -> Response:
+async def delete_conversation(
+    request: Request, conversation_id: Annotated[str, Path(pattern=_ID, examples=["4f1c2b7e9a0d4e5f8a6b3c2d1e0f9a8b"])]
+) -> Response:
     """Forget a conversation and its turns (the interaction log keeps its exchanges)."""
     if not await _memory(request).store.delete(conversation_id):
         raise NotFound(f"no conversation with id {conversation_id!r}; GET /conversations lists them")

@@ -29,7 +29,19 @@ def _body(status: str, backend: Backend, probe: BackendStatus, log: JsonlWriter)
     }
 
 
-@router.get("/health")
+_HEALTH_EXAMPLE = {
+    "status": "ok", "version": "0.2.0",
+    "backend": {"name": "ollama", "url": "http://localhost:11434", "model": "tinyllama:1.1b-chat", "reachable": True,
+                "model_available": True},
+    "log": "ok",
+}  # fmt: skip
+
+
+def _example(body: dict[str, object]) -> dict[int | str, dict[str, object]]:
+    return {200: {"description": "Successful Response", "content": {"application/json": {"example": body}}}}
+
+
+@router.get("/health", responses=_example(_HEALTH_EXAMPLE))
 async def health(backend: BackendDep, probe: ProbeDep, log: LogDep) -> OrjsonResponse:
     """The process is up; also reports the upstream and the interaction log."""
     return OrjsonResponse(_body("ok", backend, await probe.status(), log))
@@ -42,7 +54,7 @@ _READY_503 = (
 )
 
 
-@router.get("/ready", responses={503: {"description": _READY_503}})
+@router.get("/ready", responses={**_example({**_HEALTH_EXAMPLE, "status": "ready"}), 503: {"description": _READY_503}})
 async def ready(request: Request, backend: BackendDep, probe: ProbeDep, log: LogDep) -> OrjsonResponse:
     """200 when the upstream answers and has the configured model, else 503 with the reason."""
     status = await probe.status()

@@ -160,7 +160,10 @@ async def history_stats(request: Request, since: Since = None, until: Until = No
     responses={401: ERRORS[401], 404: {"model": ErrorBody, "description": "not_found: no exchange with that id"}},
 )
 async def history_exchange(
-    request: Request, exchange_id: Annotated[str, Path(description="The exchange's id (its X-Request-ID).")]
+    request: Request,
+    exchange_id: Annotated[
+        str, Path(description="The exchange's id (its X-Request-ID).", examples=["5f0c3f7e2b9d4c3e8a1b2c3d4e5f6a7b"])
+    ],
 ) -> OrjsonResponse:
     """One exchange, as the log recorded it (the latest, if a client reused the id)."""
     record = await _store(request).get(exchange_id)

@@ -13,7 +13,18 @@ router = APIRouter()
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {}}}},
+    responses={
+        200: {
+            "description": "Prometheus text exposition format.",
+            "content": {
+                "text/plain": {
+                    "example": "# TYPE minivault_in_flight gauge\nminivault_in_flight 1.0\n"
+                    'minivault_requests_total{endpoint="rest",model="tinyllama:1.1b-chat",'
+                    'status="200"} 42.0\n'
+                }
+            },
+        }
+    },  # fmt: skip
 )
 async def metrics(request: Request) -> Response:
     """Request counts, in-flight and queued gauges, latency and time-to-first-token histograms, tokens, log lines."""

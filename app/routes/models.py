@@ -16,7 +16,20 @@ from app.schemas import ErrorBody, PullRequest, parse_body
 router = APIRouter()
 
 
-@router.get("/models", responses={status: ERRORS[status] for status in (401, 502, 503, 504)})
+_MODELS_EXAMPLE = {
+    "default": "tinyllama:1.1b-chat",
+    "models": [{"name": "tinyllama:1.1b-chat", "size": 637700138, "modified_at": "2026-11-01T10:00:00Z",
+                "details": {"family": "llama", "parameter_size": "1B", "quantization_level": "Q4_0"}}],
+}  # fmt: skip
+
+
+@router.get(
+    "/models",
+    responses={
+        200: {"description": "Successful Response", "content": {"application/json": {"example": _MODELS_EXAMPLE}}},
+        **{status: ERRORS[status] for status in (401, 502, 503, 504)},
+    },
+)
 async def models(backend: BackendDep) -> OrjsonResponse:
     """The models the upstream has, with their sizes in bytes."""
     found = await backend.list_models()

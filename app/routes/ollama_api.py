@@ -8,9 +8,9 @@ something to a real Ollama: it is passed through to it, and refused with 501 on 
 Errors take Ollama's shape, `{"error": "..."}`.
 """
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
@@ -268,6 +268,7 @@ _FORWARDED = {
     ("POST", "/embeddings"): ("Embeddings (older route)", {"model": "all-minilm", "prompt": "Why is the sky blue?"}),
 }
 _AS_IT_CAME = {"description": "Ollama's own answer, as it came", "content": {"*/*": {"schema": {}}}}
+_DIGEST = "sha256:29fdb92e57cf0827ded04ae6461b5931d01fa595843f55d36f5b275a52087dd2"
 # Their contract is Ollama's (statuses, bodies, content types), passed on unchanged.
 PASS_THROUGH_TAG = "Ollama pass-through"
 
@@ -279,14 +280,14 @@ async def forward(request: Request) -> Response:
 
 @router.head("/blobs/{digest}", summary="Does Ollama have this blob (passed through to Ollama)",
              responses={"default": _AS_IT_CAME, **_errors(501)}, tags=[PASS_THROUGH_TAG])  # fmt: skip
-async def blob_exists(digest: str, request: Request) -> Response:
+async def blob_exists(digest: Annotated[str, Path(examples=[_DIGEST])], request: Request) -> Response:
     """Passed on to Ollama; refused with 501 when the backend is not Ollama."""
     return await _forward(request)
 
 
 @router.post("/blobs/{digest}", summary="Upload a blob, within MINIVAULT_MAX_BODY_BYTES (passed through to Ollama)",
              responses={"default": _AS_IT_CAME, **_errors(501)}, tags=[PASS_THROUGH_TAG])  # fmt: skip
-async def blob_upload(digest: str, request: Request) -> Response:
+async def blob_upload(digest: Annotated[str, Path(examples=[_DIGEST])], request: Request) -> Response:
     """Passed on to Ollama; refused with 501 when the backend is not Ollama."""
     return await _forward(request)
 

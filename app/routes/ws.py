@@ -20,6 +20,26 @@ from app.schemas import parse_generate_request
 router = APIRouter()
 logger = logging.getLogger(__name__)
 
+# OpenAPI cannot describe a websocket, so the API's description carries this worked example.
+WS_DOC = """
+### WS /ws/generate
+
+One connection, many prompts, one at a time. Send a prompt frame, receive `start`, `queued` (while
+waiting for a slot), `token` frames, then `done` (the same body as `POST /generate`) or `error`.
+Send `{"type": "cancel"}` to stop the answer. With API keys, pass `?api_key=KEY` (browsers cannot
+set websocket headers) or either header.
+
+```
+> {"prompt": "Why is the sky blue?", "model": "tinyllama:1.1b-chat", "options": {"temperature": 0.2}}
+< {"type": "start", "id": "5f0c3f7e2b9d4c3e8a1b2c3d4e5f6a7b", "model": "tinyllama:1.1b-chat"}
+< {"type": "token", "content": "Sunlight"}
+< {"type": "token", "content": " scatters"}
+< {"type": "done", "response": "Sunlight scatters ...", "id": "5f0c...", "done_reason": "stop", ...}
+```
+
+The OpenAI-compatible API is under `/v1`, the Ollama-compatible one under `/api`; the chat page is at `/`.
+"""
+
 _BUSY = 'a generation is already running on this connection: wait for its "done" frame or send {"type": "cancel"}'
 
 
