@@ -27,9 +27,11 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 # Debian packages the tests use: docker-compose validates the compose files (offline), wrk drives
-# the benchmark's smoke test. Installed when missing and root.
+# the benchmark's smoke test, chromium and chromium-driver (command: chromedriver) run tests/test_page.py.
+# Installed when missing and root.
 system-deps:
-	@missing=""; for tool in docker-compose wrk; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for tool in docker-compose wrk chromium chromedriver; do command -v $$tool >/dev/null || \
+		case $$tool in chromedriver) missing="$$missing chromium-driver";; *) missing="$$missing $$tool";; esac; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; } || \
 		echo "warning:$$missing missing and cannot be installed here; the tests that use them will fail"
 
