@@ -133,15 +133,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )  # fmt: skip
     app.add_middleware(RequestIdMiddleware)
     _add_error_handlers(app)
+    # Starlette tries routers in this order, and each one tried before the right one costs a few µs
+    # per request (bench/: the dialects cost 1.17-1.28x /generate's CPU when they came last): the
+    # prompt routes come first.
     app.include_router(generate.router)
+    app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
     app.include_router(ws.router)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(metrics.router)
     app.include_router(conversations.router)
     app.include_router(history.router)
-    app.include_router(openai_api.router)
-    app.include_router(ollama_api.router)
     mount_pages(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
