@@ -230,6 +230,52 @@ class Settings(BaseSettings):
         validation_alias="PROMETHEUS_MULTIPROC_DIR",
         description="prometheus_client multiprocess directory; set it in the environment to run several workers.",
     )
+    ollama_base_urls: str | None = Field(
+        None,
+        validation_alias="OLLAMA_BASE_URLS",
+        description="Several Ollama hosts, comma-separated; MiniVault routes between them (overrides OLLAMA_BASE_URL).",
+    )
+    openai_base_urls: str | None = Field(
+        None,
+        validation_alias="OPENAI_BASE_URLS",
+        description="Several OpenAI-compatible servers, comma-separated (overrides OPENAI_BASE_URL).",
+    )
+    routing: Literal["least_busy", "random", "round_robin"] = Field(
+        "least_busy",
+        validation_alias="MINIVAULT_ROUTING",
+        description="How a prompt picks among several hosts that have its model: least_busy (loaded first), "
+        "random or round_robin.",
+    )
+    host_check_seconds: PositiveFloat = Field(
+        5.0,
+        validation_alias="MINIVAULT_HOST_CHECK_SECONDS",
+        description="With several hosts: how often each is checked (health, models, loaded models).",
+    )
+    host_cooldown_seconds: PositiveFloat = Field(
+        10.0,
+        validation_alias="MINIVAULT_HOST_COOLDOWN_SECONDS",
+        description="With several hosts: how long a host that failed before its first token is left out.",
+    )
+    database_url: SecretStr | None = Field(
+        None,
+        validation_alias="MINIVAULT_DATABASE_URL",
+        description="postgresql://... : history and conversations in PostgreSQL, shared by replicas; unset: SQLite.",
+    )
+    redis_url: SecretStr | None = Field(
+        None,
+        validation_alias="MINIVAULT_REDIS_URL",
+        description="redis://... : the concurrency limit, queue and rate limit shared by replicas; unset: per process.",
+    )
+    slot_lease_seconds: PositiveFloat = Field(
+        30.0,
+        validation_alias="MINIVAULT_SLOT_LEASE_SECONDS",
+        description="With Redis: a replica renews each slot it holds; a dead replica's slots expire after this.",
+    )
+    rate_limit: PositiveInt | None = Field(
+        None,
+        validation_alias="MINIVAULT_RATE_LIMIT",
+        description="Prompts per minute per API key (429 rate_limited beyond); unset: no rate limit.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -278,17 +324,55 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         return _split(self.cors_origins or "")
 
+    def ollama_urls(self) -> list[str]:
+        """The Ollama hosts: OLLAMA_BASE_URLS when set, else OLLAMA_BASE_URL alone."""
+        return _split(self.ollama_base_urls) if self.ollama_base_urls else [self.ollama_base_url]
+
+    def openai_urls(self) -> list[str]:
+        """The OpenAI-compatible servers: OPENAI_BASE_URLS when set, else OPENAI_BASE_URL alone."""
+        return _split(self.openai_base_urls) if self.openai_base_urls else [self.openai_base_url]
+
     @field_validator("ollama_base_url", "openai_base_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        try:
-            url = httpx.URL(value)
-        except httpx.InvalidURL as exc:
-            raise ValueError(f"not a URL ({exc})") from None
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an http:// or https:// URL with a host, like http://localhost:11434")
-        # OpenAI SDKs put /v1 in the base URL; MiniVault adds it itself.
-        return value.rstrip("/").removesuffix("/v1")
+        return _upstream_url(value)
+
+    @field_validator("ollama_base_urls", "openai_base_urls")
+    @classmethod
+    def _check_urls(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        urls = [_upstream_url(url) for url in _split(value)]
+        if not urls:
+            raise ValueError("name at least one URL, comma-separated")
+        if len(set(urls)) != len(urls):
+            raise ValueError("a URL is listed twice")
+        return ",".join(urls)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL, like postgresql://user:password@localhost:5432/minivault")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// URL, like redis://localhost:6379/0")
+        return value
+
+
+def _upstream_url(value: str) -> str:
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"not a URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL with a host, like http://localhost:11434")
+    # OpenAI SDKs put /v1 in the base URL; MiniVault adds it itself.
+    return value.rstrip("/").removesuffix("/v1")
 
 
 def _is_number(value: object) -> bool:
