@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             exchange_history = SqliteHistory(settings.db_path, keep_text=settings.log_prompts)
             exchange_history.start()
             stack.push_async_callback(exchange_history.aclose)
-            backend = await open_backend(settings, stack)
+            backend = await open_backend(settings, stack, app_metrics)
             memory = None
             if settings.log_prompts:
                 conversations = SqliteConversations(settings.db_path)

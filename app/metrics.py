@@ -67,6 +67,19 @@ class Metrics:
             "minivault_log_lines", "Interaction log lines written, and lines whose write failed (retried).",
             ["result"], registry=registry,
         )  # fmt: skip
+        # With several upstream hosts (a HostPool): per-host series; the host label is its URL.
+        self.host_requests = Counter(
+            "minivault_host_requests", "Attempts on each upstream host, by outcome (ok, failed, model_not_found, "
+            "cancelled).", ["host", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.host_running = Gauge(
+            "minivault_host_in_flight", "Generations running on each upstream host now.", ["host"],
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.host_cooldowns = Counter(
+            "minivault_host_cooldowns", "Times an upstream host was cooled down after failing before its first token.",
+            ["host"], registry=registry,
+        )  # fmt: skip
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._model_children: dict[str, tuple[Any, Any, Any]] = {}
         self._written = self.log_lines.labels("written")
@@ -115,6 +128,15 @@ class Metrics:
         """Admission's live counts (its on_change hook)."""
         self.in_flight.set(running)
         self.queued.set(waiting)
+
+    def host_request(self, host: str, outcome: str) -> None:
+        self.host_requests.labels(host, outcome).inc()
+
+    def host_in_flight(self, host: str, count: int) -> None:
+        self.host_running.labels(host).set(count)
+
+    def host_cooldown(self, host: str) -> None:
+        self.host_cooldowns.labels(host).inc()
 
     def count_refused(self, code: str) -> None:
         self.refused.labels(code).inc()

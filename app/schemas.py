@@ -180,6 +180,8 @@ class ExchangeRecord:
     queue_ms: float | None = None
     ttft_ms: float | None = None
     latency_ms: float | None = None
+    # With several upstream hosts: the one that answered (or the last one tried).
+    upstream: str | None = None
 
 
 _RECORD = TypeAdapter(ExchangeRecord)

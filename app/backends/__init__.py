@@ -26,24 +26,59 @@ from app.backends.base import (
 from app.backends.embedded import EmbeddedBackend, EmbeddedEngine, bundled_model_path, default_threads, engine_installed
 from app.backends.ollama import OllamaBackend
 from app.backends.openai_compat import OpenAICompatBackend
+from app.backends.pool import HostPool, PoolObserver
 from app.backends.transport import pooled_client
 from app.config import Settings
 from app.errors import MiniVaultError
 
 __all__ = [
-    "Backend", "BackendStatus", "ChatInput", "Completion", "ModelInfo", "OllamaBackend", "SupportsForward",
+    "Backend", "BackendStatus", "ChatInput", "Completion", "HostPool", "ModelInfo", "OllamaBackend", "SupportsForward",
     "SupportsPull", "open_backend",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 
-async def open_backend(settings: Settings, stack: AsyncExitStack) -> Backend:
-    """Build the configured backend; what it opens is closed when `stack` closes."""
+async def open_backend(settings: Settings, stack: AsyncExitStack, observer: PoolObserver | None = None) -> Backend:
+    """Build the configured backend; what it opens is closed when `stack` closes.
+
+    With several hosts (OLLAMA_BASE_URLS, OPENAI_BASE_URLS) it is a HostPool of one backend per host,
+    whose traffic per host `observer` is told of.
+    """
     choice = settings.backend
     if choice == "auto":
-        choice = await _auto_choice(settings)
+        if settings.ollama_base_urls:
+            choice = "ollama"  # a fleet is never replaced by the embedded engine
+        else:
+            choice = await _auto_choice(settings)
+    urls = settings.ollama_urls() if choice == "ollama" else settings.openai_urls() if choice == "openai" else []
+    if len(urls) > 1:
+        return await _open_pool(settings, stack, choice, urls, observer)
     return await _FACTORIES[choice](settings, stack)
+
+
+async def _open_pool(
+    settings: Settings, stack: AsyncExitStack, choice: str, urls: list[str], observer: PoolObserver | None
+) -> Backend:
+    hosts = []
+    for url in urls:
+        field = "ollama_base_url" if choice == "ollama" else "openai_base_url"
+        single = settings.model_copy(update={field: url})
+        hosts.append(await _FACTORIES[choice](single, stack))
+    pool = HostPool(
+        hosts,  # type: ignore[arg-type]
+        default_model=hosts[0].default_model,
+        limit=settings.max_concurrency,
+        routing=settings.routing,
+        check_seconds=settings.host_check_seconds,
+        cooldown_seconds=settings.host_cooldown_seconds,
+        observer=observer,
+    )
+    await pool.start()
+    stack.push_async_callback(pool.aclose)
+    states = ", ".join(f"{h['url']} {h['state']}" for h in pool.hosts_status())
+    logger.info("%d %s hosts, routing %s: %s", len(urls), choice, settings.routing, states)
+    return pool
 
 
 async def _auto_choice(settings: Settings) -> str:

@@ -53,6 +53,8 @@ class Completion:
     done_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # With several hosts: the one that answered (the pool sets it).
+    host: str | None = None
 
 
 @dataclass(slots=True)

@@ -1,6 +1,7 @@
 """Ollama's native API: `/api/generate` for a plain prompt, `/api/chat` for a conversation, both
 streamed as NDJSON; `/api/tags` for models and `/api/pull` for downloads."""
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from app.backends.base import (
     transport_error,
 )
 from app.backends.transport import failure_kind
-from app.errors import BackendError, InvalidRequest, MiniVaultError, ModelNotFound
+from app.errors import BackendError, BackendUnavailable, InvalidRequest, MiniVaultError, ModelNotFound
 
 _JSON = {"Content-Type": "application/json"}
 
@@ -113,15 +114,22 @@ class OllamaBackend(HttpBackend):
     async def list_models(self) -> list[ModelInfo]:
         """The models Ollama has pulled, from `/api/tags`."""
         tags = await get_json(self._client, "/api/tags", self._upstream)
-        return [
-            ModelInfo(
-                name=item.get("name") or item.get("model", ""),
-                size=item.get("size"),
-                modified_at=item.get("modified_at"),
-                details=item.get("details") or {},
+        return [_model_info(item) for item in tags.get("models", [])]
+
+    async def inventory(self, seconds: float) -> tuple[list[ModelInfo], set[str]]:
+        """For the host pool: answers at all (`/api/version`), its models (`/api/tags`), the loaded ones (`/api/ps`)."""
+        try:
+            version, tags, ps = await asyncio.gather(
+                *(self._client.get(path, timeout=seconds) for path in ("/api/version", "/api/tags", "/api/ps"))
             )
-            for item in tags.get("models", [])
-        ]
+            for response in (version, tags, ps):
+                response.raise_for_status()
+            models = [_model_info(item) for item in tags.json().get("models", [])]
+            loaded = {item.get("name") or item.get("model", "") for item in ps.json().get("models", [])}
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            kind = failure_kind(exc) if isinstance(exc, httpx.HTTPError) else type(exc)
+            raise BackendUnavailable(f"Ollama at {self.url} does not answer its checks ({kind.__name__})") from exc
+        return models, loaded
 
     async def probe(self, seconds: float) -> BackendStatus:
         """Reachability and default-model check against `/api/tags`, bounded by `seconds`."""
@@ -143,6 +151,15 @@ class OllamaBackend(HttpBackend):
         return ModelNotFound(
             f"model '{model}' is not installed in Ollama (installed: {installed}); pull it with `ollama pull {model}`"
         )
+
+
+def _model_info(item: dict[str, Any]) -> ModelInfo:
+    return ModelInfo(
+        name=item.get("name") or item.get("model", ""),
+        size=item.get("size"),
+        modified_at=item.get("modified_at"),
+        details=item.get("details") or {},
+    )
 
 
 def _pull_error(model: str, message: str, status: int | None = None) -> MiniVaultError:

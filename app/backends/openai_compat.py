@@ -20,7 +20,7 @@ from app.backends.base import (
     load_json_object,
     sse_data,
 )
-from app.errors import BackendError, InvalidRequest, MiniVaultError, ModelNotFound
+from app.errors import BackendError, BackendUnavailable, InvalidRequest, MiniVaultError, ModelNotFound
 
 # Ollama option -> request field. OpenAI's own, then the sampling extensions llama.cpp and vLLM accept.
 _OPTION_FIELDS = {
@@ -115,6 +115,18 @@ class OpenAICompatBackend(HttpBackend):
             ModelInfo(name=item.get("id", ""), details={"owned_by": item.get("owned_by")})
             for item in listing.get("data", [])
         ]
+
+    async def inventory(self, seconds: float) -> tuple[list[ModelInfo], set[str]]:
+        """For the host pool: the models `/v1/models` lists, all of them loaded (such servers load what they serve)."""
+        try:
+            response = await self._client.get("/v1/models", timeout=seconds)
+            response.raise_for_status()
+            models = [ModelInfo(str(item.get("id"))) for item in response.json().get("data", [])]
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            raise BackendUnavailable(
+                f"{self._upstream.label} at {self.url} does not answer its checks ({type(exc).__name__})"
+            ) from exc
+        return models, {m.name for m in models}
 
     async def probe(self, seconds: float) -> BackendStatus:
         """Reachability and default-model check against `/v1/models`, bounded by `seconds`."""

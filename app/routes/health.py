@@ -5,7 +5,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from app import __version__
-from app.backends import Backend, BackendStatus
+from app.backends import Backend, BackendStatus, HostPool
 from app.bootstrap import ModelBootstrap
 from app.deps import BackendDep, LogDep, ProbeDep
 from app.interactions import JsonlWriter
@@ -26,6 +26,7 @@ def _body(status: str, backend: Backend, probe: BackendStatus, log: JsonlWriter)
             "model_available": probe.model_available,
         },
         "log": log.state,
+        **({"hosts": backend.hosts_status()} if isinstance(backend, HostPool) else {}),
     }
 
 

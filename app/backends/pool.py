@@ -1,0 +1,307 @@
+"""Several upstream hosts of one kind (Ollama, or OpenAI-compatible servers) behind one Backend.
+
+A background task keeps, per host: whether it answers, the models it has, which are loaded, and
+what is in flight. Each generation goes to a healthy host that has its model, preferring one where
+the model is loaded, then the least busy (`MINIVAULT_ROUTING=random` and `round_robin` exist to be
+measured against). A host that fails to connect or answers an error before the first token is
+cooled down for `MINIVAULT_HOST_COOLDOWN_SECONDS` and the prompt goes to the next host; once a
+token has been sent, nothing is retried. Core and routes never learn how many hosts there are.
+"""
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from app.backends.base import BackendStatus, ChatInput, Completion, ModelInfo
+from app.backends.ollama import model_in
+from app.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    Busy,
+    MiniVaultError,
+    ModelNotFound,
+    NotSupported,
+)
+
+logger = logging.getLogger(__name__)
+
+Routing = Literal["least_busy", "random", "round_robin"]
+# Failures before the first token that say "this host, not this prompt": another host may well answer.
+_HOST_FAILURES = (BackendUnavailable, BackendTimeout, BackendError, Busy)
+
+
+class HostBackend(Protocol):
+    """What the pool needs of one host's backend (OllamaBackend and OpenAICompatBackend have it)."""
+
+    name: str
+    url: str
+    default_model: str
+
+    def stream(self, chat: ChatInput, completion: Completion) -> AsyncIterator[str]: ...
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    async def inventory(self, seconds: float) -> tuple[list[ModelInfo], set[str]]:
+        """The models the host has and those loaded now; raises MiniVaultError when it does not answer."""
+        ...
+
+    async def warm(self, model: str) -> None: ...
+
+
+class PoolObserver(Protocol):
+    """Told of each host's traffic (the per-host metrics series)."""
+
+    def host_request(self, host: str, outcome: str) -> None: ...
+
+    def host_in_flight(self, host: str, count: int) -> None: ...
+
+    def host_cooldown(self, host: str) -> None: ...
+
+
+@dataclass(slots=True)
+class Host:
+    """One upstream and what the pool knows of it."""
+
+    backend: HostBackend
+    healthy: bool = False
+    checked: bool = False
+    reason: str | None = "not checked yet"
+    models: list[ModelInfo] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)
+    loaded: set[str] = field(default_factory=set)
+    in_flight: int = 0
+    cooldown_until: float = 0.0
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    def has(self, model: str) -> bool:
+        return model_in(model, self.names)  # type: ignore[arg-type]
+
+    def usable(self, now: float) -> bool:
+        return self.healthy and now >= self.cooldown_until
+
+    def state(self, now: float) -> str:
+        if not self.checked:
+            return "unknown"
+        if not self.healthy:
+            return "down"
+        return "cooling" if now < self.cooldown_until else "ok"
+
+
+class HostPool:
+    """A Backend that routes each generation to one of several hosts."""
+
+    def __init__(
+        self,
+        hosts: list[HostBackend],
+        *,
+        default_model: str,
+        limit: int,
+        routing: Routing = "least_busy",
+        check_seconds: float = 5.0,
+        cooldown_seconds: float = 10.0,
+        observer: PoolObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.hosts = [Host(backend) for backend in hosts]
+        self.name = hosts[0].name
+        self.url = ",".join(host.url for host in self.hosts)
+        self.default_model = default_model
+        # Each host's share of MINIVAULT_MAX_CONCURRENCY: the busy measure is in-flight per share.
+        self._share = max(limit / len(self.hosts), 1.0)
+        self._routing = routing
+        self._check_seconds = check_seconds
+        self._cooldown_seconds = cooldown_seconds
+        self._observer = observer
+        self._clock = clock
+        self._turn = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- keeping track of the hosts -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check every host once, then keep checking in the background."""
+        await self.check_all()
+        self._task = asyncio.create_task(self._keep_checking())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _keep_checking(self) -> None:
+        while True:
+            await asyncio.sleep(self._check_seconds)
+            try:
+                await self.check_all()
+            except Exception:  # one bad round must not end the checks for good
+                logger.exception("checking the upstream hosts failed")
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(host) for host in self.hosts))
+
+    async def _check(self, host: Host) -> None:
+        try:
+            models, loaded = await host.backend.inventory(min(self._check_seconds, 5.0))
+        except MiniVaultError as exc:
+            if host.healthy or not host.checked:
+                logger.warning("upstream host %s is down: %s", host.url, exc.message)
+            host.healthy, host.checked, host.reason = False, True, exc.message
+            return
+        if not host.healthy and host.checked:
+            logger.info("upstream host %s is back: %d models", host.url, len(models))
+        host.healthy, host.checked, host.reason = True, True, None
+        host.models, host.names, host.loaded = models, {m.name for m in models}, loaded
+
+    def _cool(self, host: Host, error: MiniVaultError) -> None:
+        host.cooldown_until = self._clock() + self._cooldown_seconds
+        host.reason = error.message
+        logger.warning("upstream host %s failed before the first token, cooling down %g s: %s",
+                       host.url, self._cooldown_seconds, error.message)  # fmt: skip
+        if self._observer is not None:
+            self._observer.host_cooldown(host.url)
+
+    # --- routing --------------------------------------------------------------------------------
+
+    def pick(self, model: str, tried: list[Host]) -> Host:
+        """The host for the next attempt at `model`; raises when no host can take it."""
+        now = self._clock()
+        usable = [host for host in self.hosts if host not in tried and host.usable(now)]
+        candidates = [host for host in usable if host.has(model)]
+        if not candidates:
+            raise self._nobody(model, tried, usable)
+        if self._routing == "random":
+            return random.choice(candidates)
+        if self._routing == "round_robin":
+            return candidates[next(self._turn) % len(candidates)]
+        # Loaded first (no load wait), then the fewest in flight for the host's share, then round-robin
+        # among equals so idle hosts take turns.
+        turn = next(self._turn)
+        return min(
+            candidates,
+            key=lambda h: (model not in h.loaded and f"{model}:latest" not in h.loaded, h.in_flight / self._share,
+                           (self.hosts.index(h) - turn) % len(self.hosts)),
+        )  # fmt: skip
+
+    def _nobody(self, model: str, tried: list[Host], usable: list[Host]) -> MiniVaultError:
+        healthy = [host for host in self.hosts if host.healthy]
+        if tried or not usable:
+            where = ", ".join(f"{h.url} ({h.reason or 'cooling down'})" for h in (tried or self.hosts))
+            if not healthy and not tried:
+                return BackendUnavailable(f"no upstream host is healthy: {where}")
+            return BackendUnavailable(f"every upstream host that has '{model}' failed or is down: {where}")
+        fleet = sorted({name for host in healthy for name in host.names})
+        return ModelNotFound(
+            f"model '{model}' is on no healthy upstream host (the fleet has: {', '.join(fleet) or 'none'}); "
+            f"pull it on a host, e.g. `ollama pull {model}`"
+        )
+
+    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[str, None]:
+        """Yield the answer from the chosen host; before the first token, a failing host hands over to the next."""
+        tried: list[Host] = []
+        while True:
+            host = self.pick(chat.model, tried)
+            tried.append(host)
+            completion.host = host.url
+            host.in_flight += 1
+            self._report_in_flight(host)
+            started = False
+            outcome = "ok"
+            try:
+                async for text in host.backend.stream(chat, completion):
+                    started = True
+                    yield text
+                host.loaded.add(chat.model)
+                return
+            except ModelNotFound:
+                if started:
+                    raise
+                # The host lost the model since its last check: forget it there and try another.
+                host.names.discard(chat.model)
+                host.names.discard(f"{chat.model}:latest")
+                outcome = "model_not_found"
+            except _HOST_FAILURES as exc:
+                outcome = "failed"
+                if started:
+                    self._cool(host, exc)
+                    raise
+                self._cool(host, exc)
+            except BaseException:
+                outcome = "cancelled"
+                raise
+            finally:
+                host.in_flight -= 1
+                self._report_in_flight(host)
+                if self._observer is not None:
+                    self._observer.host_request(host.url, outcome)
+
+    def _report_in_flight(self, host: Host) -> None:
+        if self._observer is not None:
+            self._observer.host_in_flight(host.url, host.in_flight)
+
+    # --- the rest of the Backend interface ------------------------------------------------------
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Every model some healthy host has, once, with the hosts that have it in `details.hosts`."""
+        merged: dict[str, ModelInfo] = {}
+        for host in self.hosts:
+            if not host.healthy:
+                continue
+            for info in host.models:
+                if info.name not in merged:
+                    merged[info.name] = ModelInfo(info.name, info.size, info.modified_at, {**info.details, "hosts": []})
+                merged[info.name].details["hosts"].append(host.url)
+        if not merged and not any(host.healthy for host in self.hosts):
+            raise self._nobody(self.default_model, [], [])
+        return list(merged.values())
+
+    async def warm(self, model: str) -> None:
+        await self.pick(model, []).backend.warm(model)
+
+    async def probe(self, seconds: float) -> BackendStatus:
+        """From the background checks: reachable when some host answers, ready when one has the default model."""
+        healthy = [host for host in self.hosts if host.healthy]
+        if not healthy:
+            reasons = "; ".join(f"{h.url}: {h.reason}" for h in self.hosts)
+            return BackendStatus(False, False, f"no upstream host answers ({reasons})")
+        if any(host.has(self.default_model) for host in healthy):
+            return BackendStatus(True, True)
+        return BackendStatus(True, False, f"no healthy host has model '{self.default_model}'")
+
+    def hosts_status(self) -> list[dict[str, Any]]:
+        """Each host as /health and /ready show it."""
+        now = self._clock()
+        return [
+            {
+                "url": host.url,
+                "state": host.state(now),
+                "models": sorted(host.names),
+                "loaded": sorted(host.loaded),
+                "in_flight": host.in_flight,
+                "reason": host.reason if host.state(now) != "ok" else None,
+            }  # fmt: skip
+            for host in self.hosts
+        ]
+
+    async def pull(self, model: str) -> AsyncGenerator[dict[str, Any], None]:
+        """Pull `model` on every healthy host in turn; each event names its host."""
+        hosts = [host for host in self.hosts if host.healthy]
+        if not hosts:
+            raise self._nobody(model, [], [])
+        for host in hosts:
+            pull = getattr(host.backend, "pull", None)
+            if pull is None:
+                raise NotSupported(f"the {self.name} hosts cannot pull models")
+            async for event in pull(model):
+                if event.get("status") == "success" and host is not hosts[-1]:
+                    event = {**event, "status": f"success on {host.url}"}  # only the last host's ends the pull
+                yield {**event, "host": host.url}
+            await self._check(host)
