@@ -146,6 +146,7 @@ class Exchange:
             queue_ms=self.queue_ms,
             ttft_ms=self.ttft_ms,
             latency_ms=self.latency_ms,
+            upstream=self.completion.host,
         )
 
 
