@@ -27,12 +27,14 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 # Debian packages the tests use: docker-compose validates the compose files (offline), wrk drives
-# the benchmark's smoke test, chromium and chromium-driver (command: chromedriver) run tests/test_page.py.
+# the benchmark's smoke test, chromium and chromium-driver run tests/test_page.py, nginx checks the
+# fleet's configuration (nginx -t), postgresql and redis-server are started by the replica tests.
 # Installed when missing and root.
+SYSTEM_PACKAGES := docker-compose wrk chromium chromium-driver nginx postgresql redis-server
 system-deps:
-	@missing=""; for tool in docker-compose wrk chromium chromedriver; do command -v $$tool >/dev/null || \
-		case $$tool in chromedriver) missing="$$missing chromium-driver";; *) missing="$$missing $$tool";; esac; done; \
-	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; } || \
+	@missing=""; for package in $(SYSTEM_PACKAGES); do dpkg -s $$package >/dev/null 2>&1 || missing="$$missing $$package"; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } || \
 		echo "warning:$$missing missing and cannot be installed here; the tests that use them will fail"
 
 run: $(VENV)/.runtime

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from app.backends import Backend, ModelInfo, SupportsForward
+from app.backends import Backend, HostPool, ModelInfo, SupportsForward
 from app.dialects import ollama
 from app.errors import InvalidRequest, ModelNotFound, NotSupported
 from app.responses import OrjsonResponse
@@ -294,6 +294,11 @@ async def blob_upload(digest: Annotated[str, Path(examples=[_DIGEST])], request:
 
 async def _forward(request: Request) -> Response:
     backend: Backend = request.app.state.backend
+    if isinstance(backend, HostPool):
+        raise NotSupported(
+            f"{request.method} {request.url.path} would act on one of several Ollama hosts (OLLAMA_BASE_URLS); "
+            "run it on each host, or pull with POST /models/pull, which pulls on every host"
+        )
     if not isinstance(backend, SupportsForward):
         raise NotSupported(
             f"{request.method} {request.url.path} manages Ollama's own models; the {backend.name} backend has none "
