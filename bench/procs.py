@@ -90,13 +90,16 @@ class Served:
             self.process.wait()
 
 
-def start_fake(workdir: Path) -> Served:
+def start_fake(workdir: Path, *, name: str = "fake", slowdown: float = 1.0, parallel: int = 0) -> Served:
+    """The fast fake; `slowdown` multiplies the token interval the prompt asks for (a slower host), and
+    `parallel` bounds the paced answers it generates at once (0: no bound)."""
     port = free_port()
-    log = workdir / "fake.log"
+    log = workdir / f"{name}.log"
+    environment = {**os.environ, "FAKE_OLLAMA_SLOWDOWN": str(slowdown), "FAKE_OLLAMA_PARALLEL": str(parallel)}
     with log.open("wb") as output:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
             [sys.executable, "-m", "tests.fake_ollama", "--fast", "--port", str(port)],
-            cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT,
         )  # fmt: skip
     wait_for_port(port, process)
     return Served(process, port, log)

@@ -21,7 +21,7 @@ from typing import Any
 
 import uvloop
 
-from bench import clients, dialects, gateway, history, streams
+from bench import clients, dialects, fleet, gateway, history, streams
 from bench.procs import ROOT, Served, start_fake, start_minivault
 from bench.wrk import run_wrk
 
@@ -90,15 +90,16 @@ class Plan:
     log_lines: int
     history_rows: int
     history_runs: int
+    fleet_streams: int
 
 
 PLANS = {
     "full": Plan(seconds=4, rounds=3, streams=500, ttft_runs=30, relay_streams=48, client_requests=3000,
-                 log_lines=100_000, history_rows=1_000_000, history_runs=50),
+                 log_lines=100_000, history_rows=1_000_000, history_runs=50, fleet_streams=200),
     "quick": Plan(seconds=2, rounds=1, streams=500, ttft_runs=10, relay_streams=16, client_requests=1000,
-                  log_lines=20_000, history_rows=200_000, history_runs=50),
+                  log_lines=20_000, history_rows=200_000, history_runs=50, fleet_streams=200),
     "smoke": Plan(seconds=1, rounds=1, streams=50, ttft_runs=3, relay_streams=8, client_requests=200, log_lines=5_000,
-                  history_rows=20_000, history_runs=10),
+                  history_rows=20_000, history_runs=10, fleet_streams=40),
 }  # fmt: skip
 
 
@@ -154,6 +155,8 @@ def run(plan: Plan) -> dict[str, Any]:
             two.stop()
             fake.stop()
         results["two_worker_log"] = check_log(Path(two.extra["interactions"]))
+        say(f"fleet: 4 hosts of different speeds, {plan.fleet_streams} streams, least_busy vs random vs round_robin")
+        results |= fleet.measure(workdir, plan.fleet_streams, rounds)
         say("interaction log writer alone")
         writes = []
         for _ in range(rounds):
@@ -213,6 +216,7 @@ def table(r: dict[str, Any]) -> str:
         *gateway_rows(r),
         *history_rows(r),
         *dialect_rows(r),
+        *fleet_rows(r),
         ("2 workers: log lines, all valid and unique", f"{r['two_worker_log']['log_lines']:,}",
          f"{r['two_worker_log']['log_bad_lines']} bad, {r['two_worker_log']['log_unique_ids']:,} unique ids", "",
          r["two_worker_log"]["log_bad_lines"] == 0
@@ -237,6 +241,31 @@ def dialect_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | Non
             f"streamed {r['dialect_native_stream_cpu_ms']:.2f} ms, {stream:.2f}×",
             "≤ 1.15× /generate", max(plain, stream) <= 1.15 and r["dialect_errors"] == 0,
         ))  # fmt: skip
+    return rows
+
+
+def fleet_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """Four hosts of different speeds: each strategy's latency and where its streams went, then the issue's bound."""
+    hosts = f"4 hosts at {'/'.join(str(ms) for ms in r['fleet_intervals_ms'])} ms per token"
+    capacity = "/".join(f"{pct:.0f}" for pct in r["fleet_capacity_pct"])
+    rows: list[tuple[str, str, str, str, bool | None]] = []
+    for strategy in fleet.STRATEGIES:
+        prefix = f"fleet_{strategy}_"
+        f = {key[len(prefix) :]: value for key, value in r.items() if key.startswith(prefix)}
+        rows.append((
+            f"Fleet, {hosts}, {r['fleet_streams']} streams of {r['fleet_tokens']} tokens, {strategy}: "
+            "first token / total, p50 (p99)",
+            f"{f['ttft_p50_ms']:.1f} ({f['ttft_p99_ms']:.1f}) / {f['total_p50_ms']:.0f} ({f['total_p99_ms']:.0f}) ms",
+            f"hosts served {'/'.join(f'{pct:.0f}' for pct in f['served_pct'])} % (speed share {capacity} %), "
+            f"max deviation {f['share_deviation_pp']:.0f} points; mean total {f['total_mean_ms']:.0f} ms; "
+            f"{f['errors']} errors", "0 errors", f["errors"] == 0,
+        ))  # fmt: skip
+    best, rivals = r["fleet_least_busy_total_p99_ms"], [r[f"fleet_{s}_total_p99_ms"] for s in ("random", "round_robin")]
+    rows.append((
+        f"Fleet, {r['fleet_streams']} streams: total time p99, least_busy", f"{best:.0f} ms",
+        f"random {rivals[0]:.0f} ms, round_robin {rivals[1]:.0f} ms", "least_busy p99 < random and < round_robin",
+        all(best < rival for rival in rivals),
+    ))  # fmt: skip
     return rows
 
 

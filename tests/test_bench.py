@@ -51,6 +51,11 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert figures["two_worker_log"]["log_bad_lines"] == 0
     assert figures["two_worker_log"]["log_unique_ids"] == figures["two_worker_log"]["log_lines"]
     assert figures["dialect_errors"] == 0
+    for strategy in ("least_busy", "random", "round_robin"):
+        assert figures[f"fleet_{strategy}_errors"] == 0
+        assert figures[f"fleet_{strategy}_logged"] == 40  # every stream's log line names one of the four hosts
+        assert sum(figures[f"fleet_{strategy}_served_pct"]) == pytest.approx(100)
+    assert figures["fleet_round_robin_served_pct"] == [25, 25, 25, 25]
     table = (tmp_path / "latest.md").read_text()
-    assert table.count("\n| ") == 30  # the header row and one row per measure
+    assert table.count("\n| ") == 34  # the header row and one row per measure
     assert "| Requests/s, concurrency 16 |" in result.stdout
