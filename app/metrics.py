@@ -77,7 +77,8 @@ class Metrics:
             registry=registry, multiprocess_mode="livesum",
         )  # fmt: skip
         self.host_cooldowns = Counter(
-            "minivault_host_cooldowns", "Times an upstream host was cooled down after failing before its first token.",
+            "minivault_host_cooldowns",
+            "Times an upstream host was cooled down after failing (before its first token, or mid-answer).",
             ["host"], registry=registry,
         )  # fmt: skip
         self._request_children: dict[tuple[str, str, str], Any] = {}

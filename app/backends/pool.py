@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -96,6 +97,12 @@ class Host:
         return "cooling" if now < self.cooldown_until else "ok"
 
 
+def _why(host: Host, now: float) -> str:
+    if now < host.cooldown_until:
+        return f"cooling down for {host.cooldown_until - now:.0f} s after: {host.reason}"
+    return host.reason or "failed"
+
+
 class HostPool:
     """A Backend that routes each generation to one of several hosts."""
 
@@ -161,11 +168,12 @@ class HostPool:
         host.healthy, host.checked, host.reason = True, True, None
         host.models, host.names, host.loaded = models, {m.name for m in models}, loaded
 
-    def _cool(self, host: Host, error: MiniVaultError) -> None:
+    def _cool(self, host: Host, error: MiniVaultError, started: bool) -> None:
         host.cooldown_until = self._clock() + self._cooldown_seconds
         host.reason = error.message
-        logger.warning("upstream host %s failed before the first token, cooling down %g s: %s",
-                       host.url, self._cooldown_seconds, error.message)  # fmt: skip
+        when = "mid-answer" if started else "before the first token"
+        logger.warning("upstream host %s failed %s, cooling down %g s: %s",
+                       host.url, when, self._cooldown_seconds, error.message)  # fmt: skip
         if self._observer is not None:
             self._observer.host_cooldown(host.url)
 
@@ -174,30 +182,34 @@ class HostPool:
     def pick(self, model: str, tried: list[Host]) -> Host:
         """The host for the next attempt at `model`; raises when no host can take it."""
         now = self._clock()
-        usable = [host for host in self.hosts if host not in tried and host.usable(now)]
-        candidates = [host for host in usable if host.has(model)]
+        candidates = [host for host in self.hosts if host not in tried and host.usable(now) and host.has(model)]
         if not candidates:
-            raise self._nobody(model, tried, usable)
+            raise self._nobody(model, tried, now)
         if self._routing == "random":
             return random.choice(candidates)
         if self._routing == "round_robin":
             return candidates[next(self._turn) % len(candidates)]
-        # Loaded first (no load wait), then the fewest in flight for the host's share, then round-robin
-        # among equals so idle hosts take turns.
+        # A host with the model loaded is preferred while it is under its share (no load wait); past
+        # that, or among equals, the fewest in flight for the share wins, so load follows capacity and a
+        # model loaded on one host still spreads to the others. Ties take turns.
         turn = next(self._turn)
+        share = self._share
         return min(
             candidates,
-            key=lambda h: (model not in h.loaded and f"{model}:latest" not in h.loaded, h.in_flight / self._share,
+            key=lambda h: (not (h.in_flight < share and model_in(model, h.loaded)), h.in_flight / share,  # type: ignore[arg-type]
                            (self.hosts.index(h) - turn) % len(self.hosts)),
         )  # fmt: skip
 
-    def _nobody(self, model: str, tried: list[Host], usable: list[Host]) -> MiniVaultError:
+    def _nobody(self, model: str, tried: list[Host], now: float) -> MiniVaultError:
+        """Why no host can take `model`: 404 when no host has it, 503 naming the hosts that have it and why."""
         healthy = [host for host in self.hosts if host.healthy]
-        if tried or not usable:
-            where = ", ".join(f"{h.url} ({h.reason or 'cooling down'})" for h in (tried or self.hosts))
-            if not healthy and not tried:
-                return BackendUnavailable(f"no upstream host is healthy: {where}")
-            return BackendUnavailable(f"every upstream host that has '{model}' failed or is down: {where}")
+        if not healthy:
+            where = ", ".join(f"{h.url} ({h.reason or 'down'})" for h in self.hosts)
+            return BackendUnavailable(f"no upstream host is healthy: {where}")
+        holders = [host for host in healthy if host.has(model) or host in tried]
+        if holders:
+            where = ", ".join(f"{h.url} ({_why(h, now)})" for h in holders)
+            return BackendUnavailable(f"every upstream host that has '{model}' failed or is cooling down: {where}")
         fleet = sorted({name for host in healthy for name in host.names})
         return ModelNotFound(
             f"model '{model}' is on no healthy upstream host (the fleet has: {', '.join(fleet) or 'none'}); "
@@ -207,8 +219,14 @@ class HostPool:
     async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[str, None]:
         """Yield the answer from the chosen host; before the first token, a failing host hands over to the next."""
         tried: list[Host] = []
+        missing: ModelNotFound | None = None
         while True:
-            host = self.pick(chat.model, tried)
+            try:
+                host = self.pick(chat.model, tried)
+            except MiniVaultError:
+                if missing is not None and not any(h.has(chat.model) for h in self.hosts):
+                    raise missing from None  # the hosts said 404 themselves: their message says what they have
+                raise
             tried.append(host)
             completion.host = host.url
             host.in_flight += 1
@@ -216,24 +234,27 @@ class HostPool:
             started = False
             outcome = "ok"
             try:
-                async for text in host.backend.stream(chat, completion):
-                    started = True
-                    yield text
+                async with aclosing(host.backend.stream(chat, completion)) as chunks:  # type: ignore[type-var]
+                    async for text in chunks:
+                        started = True
+                        yield text
                 host.loaded.add(chat.model)
                 return
-            except ModelNotFound:
+            except ModelNotFound as exc:
                 if started:
                     raise
                 # The host lost the model since its last check: forget it there and try another.
                 host.names.discard(chat.model)
                 host.names.discard(f"{chat.model}:latest")
-                outcome = "model_not_found"
+                outcome, missing = "model_not_found", exc
             except _HOST_FAILURES as exc:
                 outcome = "failed"
+                self._cool(host, exc, started)
                 if started:
-                    self._cool(host, exc)
                     raise
-                self._cool(host, exc)
+            except MiniVaultError:
+                outcome = "rejected"  # the prompt's fault (an upstream 400), not the host's
+                raise
             except BaseException:
                 outcome = "cancelled"
                 raise
@@ -260,7 +281,7 @@ class HostPool:
                     merged[info.name] = ModelInfo(info.name, info.size, info.modified_at, {**info.details, "hosts": []})
                 merged[info.name].details["hosts"].append(host.url)
         if not merged and not any(host.healthy for host in self.hosts):
-            raise self._nobody(self.default_model, [], [])
+            raise self._nobody(self.default_model, [], self._clock())
         return list(merged.values())
 
     async def warm(self, model: str) -> None:
@@ -295,7 +316,7 @@ class HostPool:
         """Pull `model` on every healthy host in turn; each event names its host."""
         hosts = [host for host in self.hosts if host.healthy]
         if not hosts:
-            raise self._nobody(model, [], [])
+            raise self._nobody(model, [], self._clock())
         for host in hosts:
             pull = getattr(host.backend, "pull", None)
             if pull is None:
