@@ -1,9 +1,14 @@
-"""Admission control: at most N generations upstream at once, a bounded FIFO queue behind them."""
+"""Admission control: at most N generations upstream at once, a bounded FIFO queue behind them.
+
+`Admission` keeps both in this process; `app.admission_redis.RedisAdmission` shares them between
+replicas through Redis. Both have the async interface `AdmissionControl` describes.
+"""
 
 import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from app.errors import Busy
 
@@ -18,12 +23,45 @@ class Ticket:
         self.changed = asyncio.Event()
 
 
+class AdmissionControl(Protocol):
+    """What the generation service asks of a limiter: a slot now, else a place in the queue until one frees.
+
+    A slot is not tied to a caller: whoever holds one gives one back with `release`.
+    """
+
+    async def try_enter(self) -> bool:
+        """Take a slot at once if one is free and nobody waits."""
+        ...
+
+    async def enqueue(self) -> Ticket:
+        """Join the queue, or raise Busy (429) at once when it is full."""
+        ...
+
+    async def position(self, ticket: Ticket) -> int:
+        """1 for the head of the queue; 0 once admitted."""
+        ...
+
+    async def leave(self, ticket: Ticket) -> None:
+        """Give up a place; a slot already handed over is passed on."""
+        ...
+
+    async def release(self, seconds: float | None = None) -> None:
+        """Free a slot held for `seconds` (None: the generation never started)."""
+        ...
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free, for Retry-After."""
+        ...
+
+
 class Admission:
     """Hands out `limit` slots; up to `max_queue` callers wait for one in arrival order.
 
     Not thread-safe: it lives on the event loop, like everything that calls it. A slot freed
     while callers wait goes straight to the first of them, so nobody can overtake the queue.
-    `on_change(running, waiting)` is told every change (for the metrics gauges).
+    `on_change(running, waiting)` is told every change (for the metrics gauges). The methods
+    are async for the interface's sake but never suspend, so a cancelled caller cannot be cut
+    off half-way through one.
     """
 
     def __init__(self, limit: int, max_queue: int, on_change: Callable[[int, int], None] | None = None) -> None:
@@ -39,7 +77,7 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def try_enter(self) -> bool:
+    async def try_enter(self) -> bool:
         """Take a slot at once if one is free and nobody waits; the fast path."""
         if self.running < self.limit and not self._waiting:
             self.running += 1
@@ -47,34 +85,29 @@ class Admission:
             return True
         return False
 
-    def enqueue(self) -> Ticket:
+    async def enqueue(self) -> Ticket:
         """Join the queue, or raise Busy (429) at once when it is full."""
         if len(self._waiting) >= self.max_queue:
-            raise Busy(
-                f"MiniVault is busy: {self.running} generations are running and {len(self._waiting)} are queued "
-                f"(MINIVAULT_MAX_CONCURRENCY={self.limit}, MINIVAULT_MAX_QUEUE={self.max_queue}); "
-                f"retry after {self.retry_after()} s",
-                self.retry_after(),
-            )
+            raise busy(self.running, len(self._waiting), self.limit, self.max_queue, self.retry_after())
         ticket = Ticket()
         self._waiting.append(ticket)
         self._changed()
         return ticket
 
-    def position(self, ticket: Ticket) -> int:
+    async def position(self, ticket: Ticket) -> int:
         """1 for the head of the queue; 0 once admitted."""
         return 0 if ticket.admitted else self._waiting.index(ticket) + 1
 
-    def leave(self, ticket: Ticket) -> None:
+    async def leave(self, ticket: Ticket) -> None:
         """Give up a place (the client left, or was cut off); a slot already handed over is passed on."""
         if ticket.admitted:
-            self.release()
+            await self.release()
             return
         self._waiting.remove(ticket)
         self._moved()
         self._changed()
 
-    def release(self, seconds: float | None = None) -> None:
+    async def release(self, seconds: float | None = None) -> None:
         """Free a slot: the head of the queue gets it, else it goes back to the pool."""
         if seconds is not None:
             self._mean_seconds += (seconds - self._mean_seconds) * 0.1
@@ -89,8 +122,7 @@ class Admission:
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the queue ahead, at the recent pace, at least 1."""
-        rounds = (len(self._waiting) + 1) / self.limit
-        return max(1, min(60, math.ceil(rounds * self._mean_seconds)))
+        return retry_after(len(self._waiting), self.limit, self._mean_seconds)
 
     def _moved(self) -> None:
         for ticket in self._waiting:
@@ -99,3 +131,18 @@ class Admission:
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change(self.running, len(self._waiting))
+
+
+def retry_after(waiting: int, limit: int, mean_seconds: float) -> int:
+    """The queue ahead plus one, `limit` at a time, at `mean_seconds` each; between 1 and 60."""
+    rounds = (waiting + 1) / limit
+    return max(1, min(60, math.ceil(rounds * mean_seconds)))
+
+
+def busy(running: int, waiting: int, limit: int, max_queue: int, retry_after: int) -> Busy:
+    """The 429 a full queue answers with."""
+    return Busy(
+        f"MiniVault is busy: {running} generations are running and {waiting} are queued "
+        f"(MINIVAULT_MAX_CONCURRENCY={limit}, MINIVAULT_MAX_QUEUE={max_queue}); retry after {retry_after} s",
+        retry_after,
+    )

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from app.admission import Admission
+from app.admission import AdmissionControl
 from app.backends import Backend, ChatInput, Completion
 from app.conversations import ConversationMemory
 from app.errors import BackendTimeout, InvalidRequest, MiniVaultError, ShuttingDown
+from app.rate_limit import RateLimiter
 from app.schemas import Endpoint, ExchangeRecord, GenerateRequest, LoggedError, Status
 from app.store import Turn
 
@@ -241,13 +242,15 @@ class GenerationService:
     def __init__(
         self,
         backend: Backend,
-        admission: Admission,
+        admission: AdmissionControl,
         timeouts: Timeouts,
         consumers: Sequence[ExchangeConsumer],
         keep_text: bool = True,
         memory: ConversationMemory | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.backend = backend
+        self.rate_limiter = rate_limiter
         # None when texts may not be stored (MINIVAULT_LOG_PROMPTS=false): no conversations then.
         self.memory = memory
         self.admission = admission
@@ -314,31 +317,35 @@ class GenerationService:
             if self.unavailable is not None and (refusal := self.unavailable(exchange.model)) is not None:
                 raise refusal
             guard.task = asyncio.current_task()
+            guard.inside = True  # from here on every wait (Redis, the conversation, the queue) can be cut off
+            if self.rate_limiter is not None:
+                await self.rate_limiter.check(exchange.key_id)
             if conversation_id is None:
                 chat = exchange.chat
                 assert chat is not None
             else:
                 chat = await self._conversation_input(exchange, guard)
                 held = True
-            if admission.try_enter():
+            guard.inside = True
+            if await admission.try_enter():
                 admitted = True
             else:
-                ticket = admission.enqueue()
+                ticket = await admission.enqueue()
                 shown = 0
                 while True:
                     ticket.changed.clear()
                     if ticket.admitted:
                         break
-                    position = admission.position(ticket)
+                    position = await admission.position(ticket)
                     if position != shown and exchange.announce_queue:
                         shown = position
+                        guard.inside = False
                         yield Queued(position)
                         if guard.error is not None:
                             raise guard.error
+                        guard.inside = True
                         continue
-                    guard.inside = True
                     await ticket.changed.wait()
-                    guard.inside = False
                 ticket, admitted = None, True
                 exchange.queue_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
             guard.start()
@@ -384,10 +391,10 @@ class GenerationService:
                 assert self.memory is not None and conversation_id is not None
                 self.memory.release(conversation_id)
             if ticket is not None:
-                admission.leave(ticket)
+                await admission.leave(ticket)
                 exchange.queue_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
             elif admitted:
-                admission.release(loop.time() - guard.started if guard.started else None)
+                await admission.release(loop.time() - guard.started if guard.started else None)
             self.finish(exchange)
             if not self._guards:
                 self._idle.set()

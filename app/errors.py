@@ -100,6 +100,12 @@ class Busy(MiniVaultError):
         return {**super().to_dict(request_id), "retry_after": self.retry_after}
 
 
+class RateLimited(Busy):
+    """The API key sent more than MINIVAULT_RATE_LIMIT prompts in the last minute; retry after `retry_after` s."""
+
+    code = "rate_limited"
+
+
 class ShuttingDown(MiniVaultError):
     """MiniVault is stopping: new work is refused, and work past the grace period is ended."""
 
