@@ -1,11 +1,22 @@
 """Conversation memory: the turns a prompt is sent with, bounded, and one writer per conversation at a time."""
 
 import asyncio
+import logging
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from app.backends import ChatInput
 from app.store import ConversationStore, Turn
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class SharedLocks(Protocol):
+    """A store shared by several processes (PostgreSQL) locks a conversation against all of them."""
+
+    def lock(self, conversation_id: str) -> AbstractAsyncContextManager[None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,14 +29,18 @@ class ConversationMemory:
     """Builds the upstream messages of a conversation's next prompt and keeps the finished turn.
 
     `acquire(id)` serializes prompts to one conversation: a second prompt waits for the first
-    answer, then sees it in its context. (Within this process: replicas sharing a database
-    need the database's own locking, which the PostgreSQL store brings.)
+    answer, then sees it in its context. Within this process an asyncio lock does it; a store
+    shared by replicas (`SharedLocks`) adds its own lock, taken after the local one, so one prompt
+    per conversation and process waits on the database at a time.
     """
 
     def __init__(self, store: ConversationStore, limits: ContextLimits) -> None:
         self.store = store
         self.limits = limits
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._shared = store if isinstance(store, SharedLocks) else None
+        self._held: dict[str, AsyncExitStack] = {}  # the shared locks held, by conversation
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def acquire(self, conversation_id: str) -> None:
         """Wait until no other prompt of this conversation is being answered; pair with `release`."""
@@ -36,8 +51,43 @@ class ConversationMemory:
         except BaseException:
             self._forget(conversation_id)
             raise
+        if self._shared is None:
+            return
+        held = AsyncExitStack()
+        try:
+            await held.enter_async_context(self._shared.lock(conversation_id))
+        except BaseException:
+            self._release_local(conversation_id)
+            raise
+        self._held[conversation_id] = held
 
     def release(self, conversation_id: str) -> None:
+        """Let the next prompt of this conversation go (it is called from `finally` blocks, so never waits)."""
+        held = self._held.pop(conversation_id, None)
+        if held is None:
+            self._release_local(conversation_id)
+            return
+        # Giving the shared lock back is a database round trip: a task does it, and frees the local lock
+        # only then, so the next prompt here finds the database lock free instead of waiting for it on a
+        # second connection.
+        task = asyncio.get_running_loop().create_task(self._release_shared(conversation_id, held))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def aclose(self) -> None:
+        """Wait for shared locks still being given back (before the store closes)."""
+        while self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
+
+    async def _release_shared(self, conversation_id: str, held: AsyncExitStack) -> None:
+        try:
+            await held.aclose()
+        except Exception:  # the lock's session is closed by then, which frees the lock all the same
+            logger.exception("conversation %r: giving its lock back failed", conversation_id)
+        finally:
+            self._release_local(conversation_id)
+
+    def _release_local(self, conversation_id: str) -> None:
         self._locks[conversation_id][0].release()
         self._forget(conversation_id)
 

@@ -21,7 +21,6 @@ from starlette.responses import Response
 from starlette.routing import Route, compile_path
 
 from app import __version__
-from app.admission import Admission
 from app.auth import OPEN_PATHS, ApiKeyMiddleware
 from app.backends import Backend, open_backend
 from app.body_limit import BodyLimitMiddleware
@@ -34,6 +33,7 @@ from app.dialects.openai import ChatCompletionRequest, CompletionRequest
 from app.errors import InvalidRequest, MethodNotAllowed, MiniVaultError, RouteNotFound
 from app.health import BackendProbe
 from app.interactions import JsonlWriter
+from app.limits import open_limits
 from app.metrics import Metrics
 from app.request_id import RequestIdMiddleware, request_id_of
 from app.responses import error_response
@@ -43,8 +43,7 @@ from app.routes.pages import mount_pages
 from app.schemas import GenerateRequest, PullRequest, describe_validation_errors
 from app.serverlog import configure_server_log
 from app.shutdown import install_drain
-from app.store.sqlite_conversations import SqliteConversations
-from app.store.sqlite_history import SqliteHistory
+from app.store.opening import open_stores
 
 logger = logging.getLogger("app")
 
@@ -68,24 +67,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             interaction_log.start()
             stack.push_async_callback(interaction_log.aclose)
-            exchange_history = SqliteHistory(settings.db_path, keep_text=settings.log_prompts)
-            exchange_history.start()
-            stack.push_async_callback(exchange_history.aclose)
+            # SQLite files by default; PostgreSQL, shared by replicas, with MINIVAULT_DATABASE_URL.
+            exchange_history, conversations = await open_stores(settings, stack)
             backend = await open_backend(settings, stack, app_metrics)
             memory = None
-            if settings.log_prompts:
-                conversations = SqliteConversations(settings.db_path)
-                stack.push_async_callback(conversations.aclose)
+            if conversations is not None:
                 memory = ConversationMemory(
                     conversations, ContextLimits(settings.max_turns, settings.max_context_chars)
                 )
+                stack.push_async_callback(memory.aclose)  # shared locks given back before the store closes
+            # With MINIVAULT_REDIS_URL the limits are the fleet's; opened before the service, closed after its drain.
+            admission, rate_limiter = await open_limits(settings, stack, app_metrics.set_load)
             service = GenerationService(
                 backend,
-                Admission(settings.max_concurrency, settings.max_queue, app_metrics.set_load),
+                admission,
                 Timeouts(settings.first_token_timeout, settings.idle_timeout, settings.total_timeout),
                 [interaction_log, app_metrics, exchange_history],
                 keep_text=settings.log_prompts,
                 memory=memory,
+                rate_limiter=rate_limiter,
             )
             app.state.service = service
             app.state.backend = backend

@@ -11,6 +11,9 @@ from app.main import create_app
 from tests.fake_ollama import FakeOllama
 from tests.servers import RunningServer, serve_in_thread
 
+# Real PostgreSQL and Redis servers, started once per run by the tests that ask for them.
+pytest_plugins = ["tests.postgres", "tests.redis_server"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -1,0 +1,532 @@
+"""The exchange history in PostgreSQL, shared by replicas: SQLite's API, filters, cursors and order.
+
+Writes never touch the event loop: `consume` only queues the row, and one writer thread inserts what has
+gathered (for up to `linger` seconds) with one statement per batch. Each batch takes the table's SHARE ROW
+EXCLUSIVE lock first, so the batches of all replicas commit one after another and `seq` grows in commit
+order: a cursor pinned to `seq <= snapshot` then holds exactly the exchanges there when its first page was
+read, on whichever replica serves the next page. Reads take connections from an asyncio pool.
+
+Search: a generated `tsvector` column (text search configuration `minivault_text`: `simple` words,
+accents folded by `unaccent`) under a GIN index, ranked by ts_rank, which like SQLite's score depends on
+the exchange alone. Stats are computed from the exchanges, with exact nearest-rank percentiles.
+"""
+
+import asyncio
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg.errors import ProgramLimitExceeded
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from app.errors import InvalidRequest
+from app.schemas import ExchangeRecord, LoggedError
+from app.store import sqlite_history
+from app.store.base import HistoryPage, HistoryQuery
+from app.store.pg_schema import TEXT_CONFIG, PgUnavailable, connect, describe, migrate
+from app.store.sqlite_history import PERCENTILES, decode_cursor, encode_cursor, epoch_ms, row_of
+
+logger = logging.getLogger(__name__)
+
+RANK_WINDOW = sqlite_history.RANK_WINDOW  # with `q`, matches ranked together (newest first), as in SQLite
+_COLUMNS = (
+    "id", "ts", "day", "endpoint", "client", "key_id", "conversation_id", "backend", "model", "prompt", "system",
+    "options", "response", "prompt_chars", "response_chars", "status", "error_code", "error_message", "done_reason",
+    "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "latency_ms", "upstream",
+)  # fmt: skip
+_TYPES = ("text",) * 13 + ("bigint",) * 2 + ("text",) * 4 + ("bigint",) * 2 + ("float8",) * 3 + ("text",)
+_TEXT_COLUMNS = [index for index, kind in enumerate(_TYPES) if kind == "text"]
+_CONFLICT = "ON CONFLICT (ts, id) DO NOTHING"
+# A batch is one statement: a column of values per parameter, whatever the number of rows.
+_INSERT_BATCH = (
+    f"INSERT INTO exchanges ({', '.join(_COLUMNS)}) "
+    f"SELECT * FROM unnest({', '.join(f'%s::{kind}[]' for kind in _TYPES)}) {_CONFLICT}"
+)
+_INSERT_ONE = (
+    f"INSERT INTO exchanges ({', '.join(_COLUMNS)}) VALUES ({', '.join(f'%s::{kind}' for kind in _TYPES)}) {_CONFLICT}"
+)
+_RECORD_COLUMNS = "e.seq, " + ", ".join(f"e.{column}" for column in _COLUMNS)
+# A value PostgreSQL cannot hold (an integer past 64 bits, an over-long index entry, a lone surrogate):
+# its row is skipped alone, as in SQLite.
+_UNSTORABLE = (psycopg.DataError, ProgramLimitExceeded, UnicodeEncodeError)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_BATCH = 2000  # records per transaction, at most
+_READ_FLUSH_TIMEOUT = 5.0
+_AFTER_ALL = (math.inf, 2**63 - 1)  # a (score, seq) above every exchange's
+# SQLite's length normalisation (b = 0.75 against a typical 1,000 characters) over ts_rank's term
+# frequency: more matches rank higher, with diminishing returns, and a long exchange needs more of them.
+_SCORE = "ts_rank(e.search, %s::tsquery)::float8 / (0.25::float8 + 0.75::float8 * e.text_chars / 1000.0::float8)"
+
+
+class PgHistory:
+    """HistoryStore on PostgreSQL, shared by every replica (and `minivault logs reindex`, through `add_many`).
+
+    `connect()` migrates the schema and opens the writer's connection (blocking: enough for `add_many`);
+    `await open()` does that, opens the readers' pool and starts the writer thread. `keep_text=False`
+    stores no text (MINIVAULT_LOG_PROMPTS=false). A failed batch is kept (up to `max_pending` records)
+    and retried with the next one, on a new connection if the old one broke.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        keep_text: bool = True,
+        *,
+        linger: float = 0.1,
+        max_pending: int = 100_000,
+        readers: int = 4,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.conninfo = conninfo
+        self.where = describe(conninfo)
+        self.keep_text = keep_text
+        self.failing = False
+        self.last_error: str | None = None
+        self.records_written = 0
+        self.records_dropped = 0
+        self._linger = linger
+        self._max_pending = max_pending
+        self._readers_max = readers
+        self._connect_timeout = connect_timeout
+        self._records: deque[tuple[Any, ...]] = deque()  # rows waiting for the writer
+        self._pending: list[tuple[Any, ...]] = []  # rows taken by the writer (kept when a write fails)
+        self._flush_requests: deque[threading.Event] = deque()
+        self._wakeup = threading.Event()
+        self._hurry = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="minivault-pg-history-writer", daemon=True)
+        self._write_lock = threading.RLock()  # the writer's connection, and the pending rows
+        self._db: psycopg.Connection | None = None
+        self._readers: AsyncConnectionPool | None = None
+
+    # -- opening and closing -----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Migrate the schema and open the writer's connection (blocking); PgUnavailable when impossible."""
+        migrate(self.conninfo, self._connect_timeout)
+        with self._write_lock:
+            self._writer()
+
+    async def open(self) -> None:
+        """`connect`, then open the readers' pool and start the writer thread."""
+        await asyncio.to_thread(self.connect)
+        pool = AsyncConnectionPool(
+            self.conninfo, min_size=1, max_size=self._readers_max, open=False, name="minivault-history",
+            kwargs={"autocommit": True, "connect_timeout": max(1, round(self._connect_timeout)),
+                    "application_name": "minivault"},
+            # One round trip per read, so that a connection the server dropped (a restart, a fail-over)
+            # is replaced before a read fails on it.
+            check=AsyncConnectionPool.check_connection,
+        )  # fmt: skip
+        try:
+            await pool.open(wait=True, timeout=self._connect_timeout)
+        except PoolTimeout as exc:
+            await pool.close()
+            raise PgUnavailable(f"cannot connect to PostgreSQL at {self.where} ({exc})") from exc
+        self._readers = pool
+        self._thread.start()
+
+    def close(self) -> None:
+        """Write everything queued, stop the writer thread and close its connection (blocking)."""
+        if self._thread.is_alive():
+            self._stopping = True
+            self._wakeup.set()
+            self._hurry.set()
+            self._thread.join()
+        else:
+            self._write_queued()
+        with self._write_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+        if self._readers is not None:
+            await self._readers.close()
+
+    # -- writing -----------------------------------------------------------------------------------------
+
+    def consume(self, record: ExchangeRecord) -> None:
+        """Take a finished exchange (on the event loop): make its row and queue it for the writer thread."""
+        try:
+            row = _row(record, self.keep_text)
+        except TypeError as exc:  # options orjson cannot encode: not storable, and not worth a retry
+            logger.error("history %s: exchange %s cannot be stored (%s)", self.where, record.id, exc)
+            return
+        self._records.append(row)
+        if not self._wakeup.is_set():  # one wake-up per batch, not per record
+            self._wakeup.set()
+
+    def add_many(self, records: Iterable[ExchangeRecord]) -> int:
+        """Insert the records not there yet (same id and start time), in transactions of up to 20,000;
+        returns how many were new. Blocking, and needs only `connect()`."""
+        new = 0
+        batch: list[tuple[Any, ...]] = []
+        for record in records:
+            batch.append(_row(record, self.keep_text))
+            if len(batch) >= _BATCH * 10:
+                new += self._insert(batch)
+                batch = []
+        if batch:
+            new += self._insert(batch)
+        return new
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until every record consumed before the call is written (or has failed)."""
+        if not self._thread.is_alive():
+            self._write_queued()
+            return True
+        done = threading.Event()
+        self._flush_requests.append(done)
+        self._wakeup.set()
+        self._hurry.set()
+        return done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._wakeup.wait()
+            if self._linger and not (self._stopping or self._flush_requests):
+                self._hurry.wait(self._linger)  # gather a burst into one transaction; flush and close cut it short
+            self._hurry.clear()
+            self._wakeup.clear()
+            answered = [self._flush_requests.popleft() for _ in range(len(self._flush_requests))]
+            self._write_queued()
+            for request in answered:
+                request.set()
+            if self._stopping and not self._records:
+                break
+        if self._pending:
+            logger.error("history %s: %d exchanges could not be written", self.where, len(self._pending))
+
+    def _write_queued(self) -> None:
+        """Write the records queued so far, in transactions of up to _BATCH, keeping a failed batch for later."""
+        with self._write_lock:
+            records = self._records
+            remaining = len(records)
+            while remaining or self._pending:
+                count = min(remaining, _BATCH)
+                remaining -= count
+                self._pending.extend([records.popleft() for _ in range(count)])
+                excess = len(self._pending) - self._max_pending
+                if excess > 0:
+                    self.records_dropped += excess
+                    del self._pending[:excess]
+                try:
+                    self._insert(self._pending)
+                except (psycopg.Error, PgUnavailable) as exc:  # the server is down, restarting, out of space...
+                    if not self.failing:
+                        logger.error("history %s: write failed (%s); will retry with the next batch", self.where, exc)
+                    self.failing = True
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    return
+                if self.failing:
+                    logger.warning("history %s: writing again", self.where)
+                self.failing = False
+                self.last_error = None
+                self.records_written += len(self._pending)
+                self._pending = []
+
+    def _writer(self) -> psycopg.Connection:
+        """The writer's connection, made anew when there is none or the server dropped it (call under the lock)."""
+        if self._db is not None and self._db.broken:
+            self._db.close()
+            self._db = None
+        if self._db is None:
+            self._db = connect(self.conninfo, self._connect_timeout, autocommit=True, application_name="minivault")
+        return self._db
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> int:
+        if not rows:
+            return 0
+        with self._write_lock:
+            try:
+                return self._insert_on(self._writer(), rows)
+            except psycopg.OperationalError:
+                if self._db is None or not self._db.broken:
+                    raise
+                # The server dropped the connection (a restart, a fail-over, an idle timeout): once more on a
+                # new one; rows already in from a commit whose answer was lost are skipped as duplicates.
+                return self._insert_on(self._writer(), rows)
+
+    def _insert_on(self, db: psycopg.Connection, rows: list[tuple[Any, ...]]) -> int:
+        with db.transaction():
+            # One writer at a time, every replica's included (reads go on): see the module docstring.
+            db.execute("LOCK TABLE exchanges IN SHARE ROW EXCLUSIVE MODE")
+            try:
+                with db.transaction():  # a savepoint: a refused batch is retried row by row
+                    return db.execute(_INSERT_BATCH, _as_columns(rows)).rowcount
+            except _UNSTORABLE:
+                return self._insert_one_by_one(db, rows)
+
+    def _insert_one_by_one(self, db: psycopg.Connection, rows: list[tuple[Any, ...]]) -> int:
+        new = 0
+        for row in rows:
+            try:
+                with db.transaction():
+                    new += db.execute(_INSERT_ONE, _without_nul(list(row))).rowcount
+            except _UNSTORABLE as exc:
+                logger.error("history %s: exchange %s cannot be stored (%s)", self.where, row[0], exc)
+        return new
+
+    # -- reading -----------------------------------------------------------------------------------------
+
+    async def search(self, query: HistoryQuery) -> HistoryPage:
+        terms = text_query(query.q) if query.q is not None else None
+        cursor = decode_cursor(query.cursor) if query.cursor else None
+        await self._read_own_writes()
+        async with self._pool().connection() as db:
+            if terms is None:
+                return await _listing(db, query, cursor)
+            return await _ranked(db, terms, query, cursor)
+
+    async def get(self, exchange_id: str) -> ExchangeRecord | None:
+        await self._read_own_writes()
+        async with self._pool().connection() as db:
+            sql = f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE e.id = %s ORDER BY e.seq DESC LIMIT 1"
+            row = await (await db.execute(sql, (exchange_id.replace("\x00", "\ufffd"),))).fetchone()
+        return _record(row) if row is not None else None
+
+    async def stats(self, since: datetime | None = None, until: datetime | None = None) -> list[dict[str, Any]]:
+        """Per UTC day and model, oldest day first; percentiles are exact nearest-rank values (percentile_disc)."""
+        await self._read_own_writes()
+        where, params = ["day IS NOT NULL"], []
+        if since is not None:
+            where.append("ts >= %s")
+            params.append(_ts_bound(since))
+        if until is not None:
+            where.append("ts < %s")
+            params.append(_ts_bound(until))
+        fractions = ", ".join(str(p / 100) for p in PERCENTILES)
+        sql = (
+            "SELECT day, model_key, count(*), count(*) FILTER (WHERE status = 'ok'), "
+            "count(*) FILTER (WHERE status = 'error'), count(*) FILTER (WHERE status = 'cancelled'), "
+            "COALESCE(sum(prompt_tokens), 0)::bigint, COALESCE(sum(completion_tokens), 0)::bigint, "
+            f"percentile_disc(ARRAY[{fractions}]) WITHIN GROUP (ORDER BY latency_ms) "
+            # '' and no model are one group, as in SQLite (None in the answer).
+            f"FROM (SELECT *, COALESCE(model, '') AS model_key FROM exchanges WHERE {' AND '.join(where)}) e "
+            "GROUP BY day, model_key ORDER BY day, model_key"
+        )
+        async with self._pool().connection() as db:
+            rows = await (await db.execute(sql, params)).fetchall()
+        return [
+            {"day": day, "model": model or None, "count": count, "ok": ok, "error": error, "cancelled": cancelled,
+             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "latency_ms": _percentiles(latencies)}
+            for day, model, count, ok, error, cancelled, prompt_tokens, completion_tokens, latencies in rows
+        ]  # fmt: skip
+
+    def _pool(self) -> AsyncConnectionPool:
+        if self._readers is None:
+            raise RuntimeError("PgHistory is not open: await open() first")
+        return self._readers
+
+    async def _read_own_writes(self) -> None:
+        # What this replica has consumed is written first, so an answer just given is in the history.
+        if self._records or self._pending:
+            await asyncio.to_thread(self.flush, _READ_FLUSH_TIMEOUT)
+
+
+# -- rows ----------------------------------------------------------------------------------------------------
+
+
+def _row(record: ExchangeRecord, keep_text: bool) -> tuple[Any, ...]:
+    """SQLite's row (`row_of`, without its latency bucket), and the upstream host that answered."""
+    return (*row_of(record, keep_text)[:24], record.upstream)
+
+
+def _as_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    for index in _TEXT_COLUMNS:
+        columns[index] = _without_nul(columns[index])
+    return columns
+
+
+def _without_nul(values: list[Any]) -> list[Any]:
+    """PostgreSQL text cannot hold U+0000 (SQLite can): it is stored as U+FFFD, the replacement character."""
+    return [v.replace("\x00", "\ufffd") if isinstance(v, str) and "\x00" in v else v for v in values]
+
+
+def _record(row: tuple[Any, ...]) -> ExchangeRecord:
+    (_, id_, ts, _day, endpoint, client, key_id, conversation_id, backend, model, prompt, system, options, response,
+     prompt_chars, response_chars, status, error_code, error_message, done_reason, prompt_tokens,
+     completion_tokens, queue_ms, ttft_ms, latency_ms, upstream) = row  # fmt: skip
+    return ExchangeRecord(
+        id=id_, ts=ts, endpoint=endpoint, client=client, key_id=key_id, conversation_id=conversation_id,
+        backend=backend, model=model, prompt=prompt, system=system,
+        options=orjson.loads(options) if options is not None else None,
+        response=response, prompt_chars=prompt_chars, response_chars=response_chars, status=status,
+        error=LoggedError(error_code, error_message or "") if error_code is not None else None,
+        done_reason=done_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        queue_ms=queue_ms, ttft_ms=ttft_ms, latency_ms=latency_ms, upstream=upstream,
+    )  # fmt: skip
+
+
+def _ts_bound(moment: datetime) -> str:
+    """A since/until bound as a stored `ts` (milliseconds, rounded up); past year 9999, a text after every `ts`."""
+    ms = epoch_ms(moment)
+    try:
+        m = _EPOCH + timedelta(milliseconds=ms)
+    except OverflowError:
+        return "" if ms < 0 else "\uffff"
+    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
+            f"{m.microsecond // 1000:03d}Z")  # fmt: skip
+
+
+def _percentiles(values: list[float | None] | None) -> dict[str, float] | None:
+    if not values or values[0] is None:
+        return None
+    return {f"p{p}": round(value, 2) for p, value in zip(PERCENTILES, values, strict=True) if value is not None}
+
+
+# -- queries -------------------------------------------------------------------------------------------------
+
+
+def text_query(q: str) -> list[tuple[str, bool]] | None:
+    """The user's words as (text, prefix) terms, with SQLite's rules (`fts_query`): every word must appear,
+    `pre*` matches words starting with `pre`, "two words" in double quotes must appear together, in order.
+
+    Each term becomes a phraseto_tsquery (a prefix: to_tsquery with `:*` on its last word), so no input is
+    a tsquery syntax error; an unpaired double quote is a 422. None when `q` holds no word (no search).
+    """
+    q = q.replace("\x00", " ")
+    if q.count('"') % 2:
+        raise InvalidRequest(
+            'q: has an unpaired double quote; a phrase goes between two quotes, like "black hole" (or leave quotes out)'
+        )
+    terms: list[tuple[str, bool]] = []
+    phrase = False  # the segment before was a phrase
+    for index, segment in enumerate(q.split('"')):
+        if index % 2:  # between quotes: one phrase, a prefix when a `*` follows the closing quote
+            phrase = bool(segment.strip())
+            if phrase:
+                terms.append((segment, False))
+            continue
+        if phrase and segment.startswith("*"):
+            terms[-1] = (terms[-1][0], True)
+            segment = segment[1:]
+        for word in segment.split():
+            prefix = word.endswith("*")
+            word = word.rstrip("*")
+            if word:
+                terms.append((word, prefix))
+    return terms or None
+
+
+def _tsquery_sql(terms: list[tuple[str, bool]]) -> tuple[str, list[str]]:
+    """SQL computing the tsquery of `terms` (all of them: AND), and its parameters."""
+    parts, params = [], []
+    for text, prefix in terms:
+        head, _, last = text.rstrip().rpartition(" ")
+        if not prefix or not last:
+            parts.append(f"phraseto_tsquery('{TEXT_CONFIG}', %s)")
+            params.append(text)
+            continue
+        tail = "'" + last.replace("\\", "\\\\").replace("'", "''") + "':*"
+        parts.append(f"tsquery_phrase(phraseto_tsquery('{TEXT_CONFIG}', %s), to_tsquery('{TEXT_CONFIG}', %s))")
+        params += [head, tail]
+    return f"SELECT ({' && '.join(parts)})::text", params
+
+
+def _filters(query: HistoryQuery) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("model", query.model), ("status", query.status), ("endpoint", query.endpoint)):
+        if value is not None:
+            where.append(f"e.{column} = %s")
+            params.append(value)
+    if query.since is not None:
+        where.append("e.ts >= %s")
+        params.append(_ts_bound(query.since))
+    if query.until is not None:
+        where.append("e.ts < %s")
+        params.append(_ts_bound(query.until))
+    return where, params
+
+
+async def _newest_seq(db: psycopg.AsyncConnection) -> int:
+    row = await (await db.execute("SELECT COALESCE(max(seq), 0) FROM exchanges")).fetchone()
+    return row[0] if row is not None else 0
+
+
+async def _listing(db: psycopg.AsyncConnection, query: HistoryQuery, cursor: tuple[int, float, int] | None
+                   ) -> HistoryPage:  # fmt: skip
+    """Newest first by start time (then id), among the exchanges there when the first page was read."""
+    where, params = _filters(query)
+    if cursor is None:
+        snapshot = await _newest_seq(db)
+    else:
+        snapshot, _, last = cursor
+        previous = await (await db.execute("SELECT ts, id FROM exchanges WHERE seq = %s", (last,))).fetchone()
+        if previous is None:  # not a cursor this database gave out
+            return HistoryPage([], None)
+        where.append("(e.ts, e.id) < (%s, %s)")
+        params.extend(previous)
+    where.append("e.seq <= %s")
+    params.append(snapshot)
+    conditions = " AND ".join(where)
+    sql = f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE {conditions} ORDER BY e.ts DESC, e.id DESC LIMIT %s"
+    rows = await (await db.execute(sql, (*params, query.limit + 1))).fetchall()
+    more = len(rows) > query.limit
+    return HistoryPage([_record(row) for row in rows[: query.limit]],
+                       encode_cursor(snapshot, 0.0, rows[query.limit - 1][0]) if more else None)  # fmt: skip
+
+
+async def _ranked(db: psycopg.AsyncConnection, terms: list[tuple[str, bool]], query: HistoryQuery,
+                  cursor: tuple[int, float, int] | None) -> HistoryPage:  # fmt: skip
+    """Best match first within windows of RANK_WINDOW matches, newest window first (SQLite's `_ranked`).
+
+    The score depends on the exchange alone, so a page computed later orders the same exchanges the
+    same way, and the cursor (window top, score, seq) resumes exactly where the previous page stopped.
+    """
+    sql, params = _tsquery_sql(terms)
+    row = await (await db.execute(sql, params)).fetchone()
+    tsquery = row[0] if row is not None else ""
+    if not tsquery:  # no word that makes a lexeme (punctuation only): nothing matches, as in SQLite
+        return HistoryPage([], None)
+    where, filter_params = _filters(query)
+    if cursor is None:
+        top, after = await _newest_seq(db), _AFTER_ALL
+    else:
+        top, score, seq = cursor
+        after = (score, seq)
+    window_sql = (
+        f"WITH w AS (SELECT e.seq, {_SCORE} AS score FROM exchanges e "
+        f"WHERE e.search @@ %s::tsquery AND e.seq <= %s {''.join(' AND ' + c for c in where)} "
+        "ORDER BY e.seq DESC LIMIT %s), "
+        "edge AS (SELECT count(*) AS n, min(seq) AS low FROM w) "
+        "SELECT edge.n, edge.low, c.seq, c.score FROM edge LEFT JOIN LATERAL ("
+        "SELECT seq, score FROM w WHERE (score, seq) < (%s::float8, %s::bigint) ORDER BY score DESC, seq DESC LIMIT %s"
+        ") c ON true"
+    )
+    limit = query.limit
+    chosen: list[tuple[int, float, int]] = []  # (seq, score, top of its window)
+    while len(chosen) <= limit and top > 0:
+        window = RANK_WINDOW
+        rows = await (await db.execute(
+            window_sql, (tsquery, tsquery, top, *filter_params, window, *after, limit + 1 - len(chosen))
+        )).fetchall()  # fmt: skip
+        count, low = rows[0][0], rows[0][1]
+        chosen += [(seq, score, top) for _, _, seq, score in rows if seq is not None]
+        after = _AFTER_ALL
+        if count < window:
+            break
+        top = low - 1
+    page = chosen[:limit]
+    found: dict[int, tuple[Any, ...]] = {}
+    if page:
+        rows = await (await db.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE e.seq = ANY(%s)", ([seq for seq, _, _ in page],)
+        )).fetchall()  # fmt: skip
+        found = {row[0]: row for row in rows}
+    next_cursor = None
+    if len(chosen) > limit:
+        seq, score, window_top = page[-1]
+        next_cursor = encode_cursor(window_top, score, seq)
+    return HistoryPage([_record(found[seq]) for seq, _, _ in page], next_cursor)
