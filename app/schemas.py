@@ -120,7 +120,9 @@ class ErrorDetail(BaseModel):
     code: str
     message: str
     id: str
-    retry_after: int | None = Field(None, description="With `busy`: seconds to wait before retrying.")
+    retry_after: int | None = Field(
+        None, description="With `busy` and `rate_limited`: seconds to wait before retrying."
+    )
 
 
 class ErrorBody(BaseModel):

@@ -31,7 +31,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 ERRORS[429] = {
     "model": ErrorBody,
-    "description": "busy: MiniVault's queue (MINIVAULT_MAX_QUEUE) or Ollama's is full",
+    "description": "busy: MiniVault's queue (MINIVAULT_MAX_QUEUE) or Ollama's is full; rate_limited: the API key "
+    "sent more than MINIVAULT_RATE_LIMIT prompts in the last minute",
     "headers": {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}},
 }
 _SSE_DOC = sse_doc(

@@ -38,7 +38,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "model_not_found: the backend has no such model",
         413: "payload_too_large: the body is over MINIVAULT_MAX_BODY_BYTES",
         422: "invalid_request: the body is not valid, or asks for something MiniVault cannot do (`param` names it)",
-        429: "busy: MiniVault's queue is full (Retry-After says when to retry)",
+        429: "busy: MiniVault's queue is full; rate_limited: over MINIVAULT_RATE_LIMIT (Retry-After says when)",
         502: "backend_error: the upstream failed",
         503: "backend_unavailable, shutting_down or model_loading",
         504: "backend_timeout: the upstream did not answer in time",
