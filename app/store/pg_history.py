@@ -14,9 +14,6 @@ the exchange alone. Stats are computed from the exchanges, with exact nearest-ra
 import asyncio
 import logging
 import math
-import threading
-from collections import deque
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,6 +26,7 @@ from app.errors import InvalidRequest
 from app.schemas import ExchangeRecord, LoggedError
 from app.store import sqlite_history
 from app.store.base import HistoryPage, HistoryQuery
+from app.store.batch_writer import BatchWriter
 from app.store.pg_schema import TEXT_CONFIG, PgUnavailable, connect, describe, migrate
 from app.store.sqlite_history import PERCENTILES, decode_cursor, encode_cursor, epoch_ms, row_of
 
@@ -56,7 +54,6 @@ _RECORD_COLUMNS = "e.seq, " + ", ".join(f"e.{column}" for column in _COLUMNS)
 # its row is skipped alone, as in SQLite.
 _UNSTORABLE = (psycopg.DataError, ProgramLimitExceeded, UnicodeEncodeError)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_BATCH = 2000  # records per transaction, at most
 _READ_FLUSH_TIMEOUT = 5.0
 _AFTER_ALL = (math.inf, 2**63 - 1)  # a (score, seq) above every exchange's
 # SQLite's length normalisation (b = 0.75 against a typical 1,000 characters) over ts_rank's term
@@ -64,7 +61,7 @@ _AFTER_ALL = (math.inf, 2**63 - 1)  # a (score, seq) above every exchange's
 _SCORE = "ts_rank(e.search, %s::tsquery)::float8 / (0.25::float8 + 0.75::float8 * e.text_chars / 1000.0::float8)"
 
 
-class PgHistory:
+class PgHistory(BatchWriter):
     """HistoryStore on PostgreSQL, shared by every replica (and `minivault logs reindex`, through `add_many`).
 
     `connect()` migrates the schema and opens the writer's connection (blocking: enough for `add_many`);
@@ -72,6 +69,8 @@ class PgHistory:
     stores no text (MINIVAULT_LOG_PROMPTS=false). A failed batch is kept (up to `max_pending` records)
     and retried with the next one, on a new connection if the old one broke.
     """
+
+    _write_errors = (psycopg.Error, PgUnavailable)  # the server is down, restarting, out of space...
 
     def __init__(
         self,
@@ -84,24 +83,9 @@ class PgHistory:
         connect_timeout: float = 10.0,
     ) -> None:
         self.conninfo = conninfo
-        self.where = describe(conninfo)
-        self.keep_text = keep_text
-        self.failing = False
-        self.last_error: str | None = None
-        self.records_written = 0
-        self.records_dropped = 0
-        self._linger = linger
-        self._max_pending = max_pending
+        super().__init__(describe(conninfo), keep_text, linger, max_pending, "minivault-pg-history-writer")
         self._readers_max = readers
         self._connect_timeout = connect_timeout
-        self._records: deque[tuple[Any, ...]] = deque()  # rows waiting for the writer
-        self._pending: list[tuple[Any, ...]] = []  # rows taken by the writer (kept when a write fails)
-        self._flush_requests: deque[threading.Event] = deque()
-        self._wakeup = threading.Event()
-        self._hurry = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="minivault-pg-history-writer", daemon=True)
-        self._write_lock = threading.RLock()  # the writer's connection, and the pending rows
         self._db: psycopg.Connection | None = None
         self._readers: AsyncConnectionPool | None = None
 
@@ -134,13 +118,7 @@ class PgHistory:
 
     def close(self) -> None:
         """Write everything queued, stop the writer thread and close its connection (blocking)."""
-        if self._thread.is_alive():
-            self._stopping = True
-            self._wakeup.set()
-            self._hurry.set()
-            self._thread.join()
-        else:
-            self._write_queued()
+        self._stop_writer()
         with self._write_lock:
             if self._db is not None:
                 self._db.close()
@@ -153,85 +131,8 @@ class PgHistory:
 
     # -- writing -----------------------------------------------------------------------------------------
 
-    def consume(self, record: ExchangeRecord) -> None:
-        """Take a finished exchange (on the event loop): make its row and queue it for the writer thread."""
-        try:
-            row = _row(record, self.keep_text)
-        except TypeError as exc:  # options orjson cannot encode: not storable, and not worth a retry
-            logger.error("history %s: exchange %s cannot be stored (%s)", self.where, record.id, exc)
-            return
-        self._records.append(row)
-        if not self._wakeup.is_set():  # one wake-up per batch, not per record
-            self._wakeup.set()
-
-    def add_many(self, records: Iterable[ExchangeRecord]) -> int:
-        """Insert the records not there yet (same id and start time), in transactions of up to 20,000;
-        returns how many were new. Blocking, and needs only `connect()`."""
-        new = 0
-        batch: list[tuple[Any, ...]] = []
-        for record in records:
-            batch.append(_row(record, self.keep_text))
-            if len(batch) >= _BATCH * 10:
-                new += self._insert(batch)
-                batch = []
-        if batch:
-            new += self._insert(batch)
-        return new
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Block until every record consumed before the call is written (or has failed)."""
-        if not self._thread.is_alive():
-            self._write_queued()
-            return True
-        done = threading.Event()
-        self._flush_requests.append(done)
-        self._wakeup.set()
-        self._hurry.set()
-        return done.wait(timeout)
-
-    def _run(self) -> None:
-        while True:
-            self._wakeup.wait()
-            if self._linger and not (self._stopping or self._flush_requests):
-                self._hurry.wait(self._linger)  # gather a burst into one transaction; flush and close cut it short
-            self._hurry.clear()
-            self._wakeup.clear()
-            answered = [self._flush_requests.popleft() for _ in range(len(self._flush_requests))]
-            self._write_queued()
-            for request in answered:
-                request.set()
-            if self._stopping and not self._records:
-                break
-        if self._pending:
-            logger.error("history %s: %d exchanges could not be written", self.where, len(self._pending))
-
-    def _write_queued(self) -> None:
-        """Write the records queued so far, in transactions of up to _BATCH, keeping a failed batch for later."""
-        with self._write_lock:
-            records = self._records
-            remaining = len(records)
-            while remaining or self._pending:
-                count = min(remaining, _BATCH)
-                remaining -= count
-                self._pending.extend([records.popleft() for _ in range(count)])
-                excess = len(self._pending) - self._max_pending
-                if excess > 0:
-                    self.records_dropped += excess
-                    del self._pending[:excess]
-                try:
-                    self._insert(self._pending)
-                except (psycopg.Error, PgUnavailable) as exc:  # the server is down, restarting, out of space...
-                    if not self.failing:
-                        logger.error("history %s: write failed (%s); will retry with the next batch", self.where, exc)
-                    self.failing = True
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    return
-                if self.failing:
-                    logger.warning("history %s: writing again", self.where)
-                self.failing = False
-                self.last_error = None
-                self.records_written += len(self._pending)
-                self._pending = []
+    def _row(self, record: ExchangeRecord) -> tuple[Any, ...]:
+        return _row(record, self.keep_text)
 
     def _writer(self) -> psycopg.Connection:
         """The writer's connection, made anew when there is none or the server dropped it (call under the lock)."""

@@ -26,8 +26,7 @@ import re
 import sqlite3
 import struct
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import chain
 from pathlib import Path
@@ -38,6 +37,7 @@ import orjson
 from app.errors import InvalidRequest
 from app.schemas import ExchangeRecord, LoggedError
 from app.store.base import HistoryPage, HistoryQuery
+from app.store.batch_writer import BatchWriter
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 _DAY_MS = 86_400_000
-_BATCH = 2000  # records per transaction, at most
 _READ_FLUSH_TIMEOUT = 5.0
 # Cursor: (snapshot or window top, score, seq) packed big-endian: 24 bytes, 32 base64url characters. Every
 # 32-character base64url string decodes to some cursor, so the documented pattern is the whole check.
@@ -181,7 +180,7 @@ class HistoryUnavailable(Exception):
     """The database file cannot be opened or created; the message says which and why."""
 
 
-class SqliteHistory:
+class SqliteHistory(BatchWriter):
     """HistoryStore on one SQLite file (WAL), shared with the conversations and with other workers.
 
     `keep_text=False` (MINIVAULT_LOG_PROMPTS=false) stores prompt, system and response as NULL, so
@@ -200,23 +199,9 @@ class SqliteHistory:
         busy_timeout_ms: int = 10_000,
     ) -> None:
         self.path = Path(db_path)
-        self.keep_text = keep_text
-        self.failing = False
-        self.last_error: str | None = None
-        self.records_written = 0
-        self.records_dropped = 0
-        self._linger = linger
-        self._max_pending = max_pending
+        super().__init__(str(self.path), keep_text, linger, max_pending, "minivault-history-writer")
         self._busy_timeout_ms = busy_timeout_ms
-        self._records: deque[tuple[Any, ...]] = deque()  # rows waiting for the writer
-        self._pending: list[tuple[Any, ...]] = []  # rows taken by the writer (kept when a write fails)
-        self._flush_requests: deque[threading.Event] = deque()
-        self._wakeup = threading.Event()
-        self._hurry = threading.Event()
-        self._stopping = False
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="minivault-history-writer", daemon=True)
-        self._write_lock = threading.RLock()  # the connection, and the pending rows
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -240,50 +225,10 @@ class SqliteHistory:
     def start(self) -> None:
         self._thread.start()
 
-    def consume(self, record: ExchangeRecord) -> None:
-        """Take a finished exchange (the generation service calls this on the event loop).
-
-        The row is made here, as the JSONL log encodes its line on the loop: the writer thread then does
-        almost no Python work per record, so it seldom holds the GIL while the event loop wants it.
-        """
-        try:
-            row = row_of(record, self.keep_text)
-        except TypeError as exc:  # options orjson cannot encode: not storable, and not worth a retry
-            logger.error("history %s: exchange %s cannot be stored (%s)", self.path, record.id, exc)
-            return
-        self._records.append(row)
-        if not self._wakeup.is_set():  # one wake-up per batch, not per record
-            self._wakeup.set()
-
-    def add_many(self, records: Iterable[ExchangeRecord]) -> int:
-        """Insert the records not there yet (same id and start time), in transactions of up to 20,000;
-        returns how many were new. Blocking, and needs no `start()` (the reindex command's way)."""
-        new = 0
-        batch: list[tuple[Any, ...]] = []
-        for record in records:
-            batch.append(row_of(record, self.keep_text))
-            if len(batch) >= _BATCH * 10:
-                new += self._insert(batch)
-                batch = []
-        if batch:
-            new += self._insert(batch)
-        return new
-
     def insert_rows(self, rows: list[tuple[Any, ...]]) -> int:
         """Insert rows already in column order (see `row_of`), in one transaction: bench/history.py fills
         a million-row database this way."""
         return self._insert(rows)
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Block until every record consumed before the call is written (or has failed)."""
-        if not self._thread.is_alive():
-            self._write_queued()
-            return True
-        done = threading.Event()
-        self._flush_requests.append(done)
-        self._wakeup.set()
-        self._hurry.set()
-        return done.wait(timeout)
 
     async def aclose(self) -> None:
         """Write everything queued so far, stop the writer thread and close the database."""
@@ -291,13 +236,7 @@ class SqliteHistory:
 
     def close(self) -> None:
         """Blocking `aclose` (the reindex command calls this)."""
-        if self._thread.is_alive():
-            self._stopping = True
-            self._wakeup.set()
-            self._hurry.set()
-            self._thread.join()
-        else:
-            self._write_queued()
+        self._stop_writer()
         with self._readers_lock:
             self._closed = True
             readers, self._all_readers = self._all_readers, []
@@ -306,58 +245,8 @@ class SqliteHistory:
         with self._write_lock:
             self._db.close()
 
-    def _run(self) -> None:
-        while True:
-            self._wakeup.wait()
-            if self._linger and not (self._stopping or self._flush_requests):
-                # Gather a burst into one transaction (each commit costs FTS5 a segment to merge later);
-                # a flush or close cuts the wait short.
-                self._hurry.wait(self._linger)
-            self._hurry.clear()
-            self._wakeup.clear()
-            answered = [self._flush_requests.popleft() for _ in range(len(self._flush_requests))]
-            self._write_queued()
-            for request in answered:
-                request.set()
-            if self._stopping and not self._records:
-                break
-        if self._pending:
-            logger.error("history %s: %d exchanges could not be written", self.path, len(self._pending))
-
-    def _write_queued(self) -> None:
-        with self._write_lock:
-            self._write_queued_locked()
-
-    def _write_queued_locked(self) -> None:
-        """Write the records queued so far, in transactions of up to _BATCH, keeping a failed batch for later.
-
-        Records arriving meanwhile wait for the next round (and its linger): chasing them would turn a
-        busy server's history into a stream of tiny transactions, each costing a commit and an FTS5 segment.
-        """
-        records = self._records
-        remaining = len(records)
-        while remaining or self._pending:
-            count = min(remaining, _BATCH)
-            remaining -= count
-            self._pending.extend([records.popleft() for _ in range(count)])
-            excess = len(self._pending) - self._max_pending
-            if excess > 0:
-                self.records_dropped += excess
-                del self._pending[:excess]
-            try:
-                self._insert(self._pending)
-            except Exception as exc:  # sqlite3.Error mostly (locked, disk full); the batch is kept either way
-                if not self.failing:
-                    logger.error("history %s: write failed (%s); will retry with the next batch", self.path, exc)
-                self.failing = True
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                return
-            if self.failing:
-                logger.warning("history %s: writing again", self.path)
-            self.failing = False
-            self.last_error = None
-            self.records_written += len(self._pending)
-            self._pending = []
+    def _row(self, record: ExchangeRecord) -> tuple[Any, ...]:
+        return row_of(record, self.keep_text)
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> int:
         with self._write_lock:
