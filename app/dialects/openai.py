@@ -14,7 +14,7 @@ from app.core import Exchange
 from app.errors import InvalidRequest, MiniVaultError, openai_error_body
 from app.schemas import INT64_MAX, INT64_MIN, NOT_BLANK, describe_validation_errors
 
-S = TypeVar("S", bound="_Sampling")
+S = TypeVar("S", bound="Sampling")
 
 _CHAT_EXAMPLE = '{"model": "llama3", "messages": [{"role": "user", "content": "Hello"}]}'
 _COMPLETION_EXAMPLE = '{"model": "llama3", "prompt": "Once upon a time"}'
@@ -44,7 +44,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class Sampling(BaseModel):
     """The fields both endpoints share; they become the backend's (Ollama-named) options."""
 
     # Fields OpenAI defines that change nothing here (`user`, `metadata`, `store`, ...) and fields of
@@ -95,7 +95,7 @@ class _Sampling(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(Sampling):
     """The body of `POST /v1/chat/completions`."""
 
     model_config = ConfigDict(
@@ -123,7 +123,7 @@ class ChatCompletionRequest(_Sampling):
 _Prompt = Annotated[str, Field(json_schema_extra={"pattern": NOT_BLANK})]
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(Sampling):
     """The body of `POST /v1/completions` (the legacy text-completion endpoint)."""
 
     model_config = ConfigDict(

@@ -5,13 +5,15 @@ Auth, limits, timeouts, the log (`endpoint: "openai"`) and the history apply as 
 errors take OpenAI's shape (`app.errors.openai_error_body`).
 """
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from app.backends import Backend, ModelInfo
+from app.backends import Backend, ChatInput, ModelInfo
+from app.core import Exchange
 from app.dialects import openai
 from app.errors import ModelNotFound
 from app.responses import OrjsonResponse
@@ -104,13 +106,7 @@ def _body(schema: str) -> dict[str, Any]:
 )
 async def chat_completions(request: Request) -> Response:
     """OpenAI's chat completions: messages in, one answer out (streamed with `stream: true`)."""
-    body, exchange = await read_exchange(request, "openai", openai.parse_chat_request)
-    assert exchange is not None  # OpenAI's requests always ask something
-    chunks = openai.ChunkStream(exchange, chat=True, include_usage=body.include_usage)
-    return await answer(
-        request, exchange, stream=body.stream, whole=openai.chat_completion, token=chunks.token, end=chunks.end,
-        on_error=openai.error_frame, media_type="text/event-stream",
-    )  # fmt: skip
+    return await _complete(request, openai.parse_chat_request, openai.chat_completion, chat=True)
 
 
 @router.post(
@@ -140,11 +136,20 @@ async def chat_completions(request: Request) -> Response:
 )
 async def completions(request: Request) -> Response:
     """OpenAI's legacy text completions: one prompt, through the model's chat template like Ollama's /v1."""
-    body, exchange = await read_exchange(request, "openai", openai.parse_completion_request)
+    return await _complete(request, openai.parse_completion_request, openai.text_completion, chat=False)
+
+
+async def _complete(
+    request: Request,
+    parse: Callable[[bytes, int], tuple[openai.Sampling, ChatInput]],
+    whole: Callable[[Exchange], dict[str, Any]],
+    chat: bool,
+) -> Response:
+    body, exchange = await read_exchange(request, "openai", parse)
     assert exchange is not None  # OpenAI's requests always ask something
-    chunks = openai.ChunkStream(exchange, chat=False, include_usage=body.include_usage)
+    chunks = openai.ChunkStream(exchange, chat=chat, include_usage=body.include_usage)
     return await answer(
-        request, exchange, stream=body.stream, whole=openai.text_completion, token=chunks.token, end=chunks.end,
+        request, exchange, stream=body.stream, whole=whole, token=chunks.token, end=chunks.end,
         on_error=openai.error_frame, media_type="text/event-stream",
     )  # fmt: skip
 
