@@ -11,8 +11,9 @@ from app.main import create_app
 from tests.fake_ollama import FakeOllama
 from tests.servers import RunningServer, serve_in_thread
 
-# Real PostgreSQL and Redis servers, started once per run by the tests that ask for them.
-pytest_plugins = ["tests.postgres", "tests.redis_server"]
+# Real PostgreSQL and Redis servers, and the dialect tests' gateways, started once per run by the tests
+# that ask for them.
+pytest_plugins = ["tests.postgres", "tests.redis_server", "tests.dialect_servers"]
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import ollama
 import openai
+import pytest
 from fastapi import FastAPI
 
 from app.main import create_app
@@ -124,3 +125,19 @@ def embedded_gateway(log_path: Path) -> Iterator[Gateway]:
     app = create_app(settings)
     with serve_in_thread(app) as server:
         yield Gateway(wait_started(server), app, log_path, None)
+
+
+# Fixtures (tests/conftest.py loads this module as a plugin): one embedded engine and one fake for the
+# whole run, shared by the OpenAI and Ollama API tests, which look only at their own answers and log lines.
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with embedded_gateway(tmp_path_factory.mktemp("embedded") / "log.jsonl") as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="session")
+def shared_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with fake_gateway(tmp_path_factory.mktemp("fake") / "log.jsonl") as gateway:
+        yield gateway

@@ -14,7 +14,6 @@ from tests.dialect_servers import (
     Gateway,
     RequestIds,
     async_ollama_client,
-    embedded_gateway,
     fake_gateway,
     ollama_client,
 )
@@ -24,19 +23,6 @@ OPTIONS: dict[str, Any] = {"num_predict": 8, "temperature": 0}
 PROMPT = "Name a colour please"
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": PROMPT}]
 KEY = "k-ollama-dialect"
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with embedded_gateway(tmp_path_factory.mktemp("embedded") / "log.jsonl") as gateway:
-        yield gateway
-
-
-@pytest.fixture(scope="module")
-def shared_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """For the tests that run on both backends and look only at their own answers and log lines."""
-    with fake_gateway(tmp_path_factory.mktemp("fake") / "log.jsonl") as gateway:
-        yield gateway
 
 
 @pytest.fixture

@@ -9,25 +9,12 @@ import httpx
 import openai
 import pytest
 
-from tests.dialect_servers import Gateway, embedded_gateway, fake_gateway
+from tests.dialect_servers import Gateway, fake_gateway
 
 # Greedy and short: the real model's answers stay quick.
 SAMPLING: dict[str, Any] = {"max_tokens": 8, "temperature": 0}
 QUESTION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour please"}]
 KEY = "k-openai-dialect"
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with embedded_gateway(tmp_path_factory.mktemp("embedded") / "log.jsonl") as gateway:
-        yield gateway
-
-
-@pytest.fixture(scope="module")
-def shared_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """For the tests that run on both backends and look only at their own answers and log lines."""
-    with fake_gateway(tmp_path_factory.mktemp("fake") / "log.jsonl") as gateway:
-        yield gateway
 
 
 @pytest.fixture
