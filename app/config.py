@@ -276,6 +276,94 @@ class Settings(BaseSettings):
         validation_alias="MINIVAULT_RATE_LIMIT",
         description="Prompts per minute per API key (429 rate_limited beyond); unset: no rate limit.",
     )
+    # Security and limits: the web edge (hosts, origins, media types), the connection guards, the cost of
+    # refusals, the history's search budget, and what an ordinary key may do.
+    allowed_hosts: str | None = Field(
+        None,
+        validation_alias="MINIVAULT_ALLOWED_HOSTS",
+        description="Comma-separated Host names served besides localhost, 127.0.0.1 and [::1] (any port); `*` "
+        "serves any. Unset: loopback names only on a loopback bind, any host elsewhere.",
+    )
+    max_header_bytes: PositiveInt = Field(
+        65_536,
+        validation_alias="MINIVAULT_MAX_HEADER_BYTES",
+        description="Largest request head (request line and headers), in bytes; larger gets 431 and the "
+        "connection is closed.",
+    )
+    header_timeout: PositiveFloat = Field(
+        10.0,
+        validation_alias="MINIVAULT_HEADER_TIMEOUT",
+        description="Seconds a client may take to send a request's head; slower connections are closed.",
+    )
+    body_timeout: PositiveFloat = Field(
+        30.0,
+        validation_alias="MINIVAULT_BODY_TIMEOUT",
+        description="Seconds a request body may go without a byte arriving; then the connection is closed.",
+    )
+    max_connections: PositiveInt | None = Field(
+        None,
+        validation_alias="MINIVAULT_MAX_CONNECTIONS",
+        description="Client connections open at once; unset: 4096, or fewer to stay below the descriptor limit "
+        "with room for the upstream's sockets.",
+    )
+    ws_max_invalid_frames: PositiveInt = Field(
+        20,
+        validation_alias="MINIVAULT_WS_MAX_INVALID_FRAMES",
+        description="Invalid websocket frames tolerated within 10 s; one more closes the socket (1008).",
+    )
+    writer_queue_bytes: PositiveInt = Field(
+        64 * 1_048_576,
+        validation_alias="MINIVAULT_WRITER_QUEUE_BYTES",
+        description="Bytes of records each writer (log, history) may hold unwritten; past it, refused requests "
+        "are counted instead of written one by one. Accepted exchanges are always kept.",
+    )
+    history_max_terms: PositiveInt = Field(
+        16,
+        validation_alias="MINIVAULT_HISTORY_MAX_TERMS",
+        description="Most words (and prefixes) one history search may have.",
+    )
+    history_min_prefix: PositiveInt = Field(
+        3,
+        validation_alias="MINIVAULT_HISTORY_MIN_PREFIX",
+        description="Fewest characters before the `*` of a history search prefix.",
+    )
+    history_query_seconds: PositiveFloat = Field(
+        1.0,
+        validation_alias="MINIVAULT_HISTORY_QUERY_SECONDS",
+        description="Seconds one history search may run; longer ones are stopped (422 query_too_expensive).",
+    )
+    history_readers: PositiveInt = Field(
+        2,
+        validation_alias="MINIVAULT_HISTORY_READERS",
+        description="Threads that serve history reads, apart from conversations and everything else.",
+    )
+    admin_keys: SecretStr | None = Field(
+        None,
+        validation_alias="MINIVAULT_ADMIN_KEYS",
+        description="Comma-separated admin keys (or sha256:<hex> digests): they manage models and see every "
+        "key's history. Ordinary keys (MINIVAULT_API_KEYS) see their own.",
+    )
+    pull_registries: str | None = Field(
+        None,
+        validation_alias="MINIVAULT_PULL_REGISTRIES",
+        description="Registry hosts models may be pulled from besides Ollama's library (names without a host).",
+    )
+    allow_insecure_registries: bool = Field(
+        False,
+        validation_alias="MINIVAULT_ALLOW_INSECURE_REGISTRIES",
+        description="Let pulls use `insecure: true` (no TLS check: anyone on the path can swap the model).",
+    )
+    allow_push: bool = Field(
+        False,
+        validation_alias="MINIVAULT_ALLOW_PUSH",
+        description="Let admin keys push models to a registry (sends the model's files off this machine).",
+    )
+    max_queue_per_key: PositiveInt | None = Field(
+        None,
+        validation_alias="MINIVAULT_MAX_QUEUE_PER_KEY",
+        description="Places in the queue one key may hold; unset: half of MINIVAULT_MAX_QUEUE when several keys "
+        "exist, else all of it.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -300,7 +388,7 @@ class Settings(BaseSettings):
                 data["MINIVAULT_DB_PATH"] = str(Path(log_path).parent / "minivault.db")
         return data
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_keys")
     @classmethod
     def _check_keys(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
@@ -310,16 +398,18 @@ class Settings(BaseSettings):
         return value
 
     def key_digests(self) -> list[bytes]:
-        """The sha256 digest of every configured key (plain keys are hashed here)."""
-        if self.api_keys is None:
-            return []
-        digests = []
-        for key in _split(self.api_keys.get_secret_value()):
-            if key.startswith("sha256:"):
-                digests.append(bytes.fromhex(key[7:]))
-            else:
-                digests.append(hashlib.sha256(key.encode()).digest())
-        return digests
+        """The sha256 digest of every configured key, ordinary and admin (plain keys are hashed here)."""
+        return _digests(self.api_keys) + [d for d in self.admin_key_digests() if d not in _digests(self.api_keys)]
+
+    def admin_key_digests(self) -> list[bytes]:
+        """The sha256 digest of every admin key (MINIVAULT_ADMIN_KEYS)."""
+        return _digests(self.admin_keys)
+
+    def allowed_host_list(self) -> list[str]:
+        return _split(self.allowed_hosts or "")
+
+    def pull_registry_list(self) -> list[str]:
+        return _split(self.pull_registries or "")
 
     def cors_origin_list(self) -> list[str]:
         return _split(self.cors_origins or "")
@@ -381,6 +471,18 @@ def _is_number(value: object) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _digests(keys: SecretStr | None) -> list[bytes]:
+    if keys is None:
+        return []
+    digests = []
+    for key in _split(keys.get_secret_value()):
+        if key.startswith("sha256:"):
+            digests.append(bytes.fromhex(key[7:]))
+        else:
+            digests.append(hashlib.sha256(key.encode()).digest())
+    return digests
 
 
 def _split(value: str) -> list[str]:

@@ -175,7 +175,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         models.update(model_schema.pop("$defs", {}))
         models[model.__name__] = model_schema
-    if not app.state.settings.api_keys:
+    if not app.state.settings.key_digests():
         # Declared only when enforced: schemathesis' ignored_auth check (rightly) fails a scheme the API ignores.
         app.openapi_schema = schema
         return schema
