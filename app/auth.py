@@ -40,15 +40,28 @@ def key_id_of(connection: HTTPConnection) -> str | None:
     return connection.scope["state"].get("key_id")
 
 
+def is_admin(connection: HTTPConnection) -> bool:
+    """Whether the caller may manage models and see every key's data: an admin key, or auth is off."""
+    state = connection.scope["state"]
+    return state.get("key_id") is None or state.get("key_admin", False)
+
+
 class ApiKeyMiddleware:
     """Refuses requests without a configured key with 401 `unauthorized` (websocket: error frame, close 1008).
 
     `on_refused(code)` is told of each refusal (the metrics counter).
     """
 
-    def __init__(self, app: ASGIApp, digests: list[bytes], on_refused: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        digests: list[bytes],
+        on_refused: Callable[[str], None] | None = None,
+        admin_digests: list[bytes] | None = None,
+    ) -> None:
         self.app = app
         self._digests = digests
+        self._admin_digests = admin_digests or []
         self._on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,8 +70,10 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         key = _presented_key(scope)
-        if key is not None and self._matches(key):
-            scope["state"]["key_id"] = key_id(key)
+        if key is not None and self._matches(key, self._digests):
+            state = scope["state"]
+            state["key_id"] = key_id(key)
+            state["key_admin"] = self._matches(key, self._admin_digests)
             await self.app(scope, receive, send)
             return
         error = Unauthorized(_MISSING if key is None else _WRONG)
@@ -71,10 +86,11 @@ class ApiKeyMiddleware:
             headers = {"WWW-Authenticate": 'Bearer realm="minivault"'}
             await error_response(error, request_id, headers, scope["path"])(scope, receive, send)
 
-    def _matches(self, key: str) -> bool:
+    @staticmethod
+    def _matches(key: str, digests: list[bytes]) -> bool:
         presented = hashlib.sha256(key.encode()).digest()
         found = False
-        for digest in self._digests:  # no early exit: the time taken does not depend on which key matched
+        for digest in digests:  # no early exit: the time taken does not depend on which key matched
             found |= hmac.compare_digest(presented, digest)
         return found
 

@@ -125,7 +125,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # then the body limit; each error on the way out carries the request id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if digests := settings.key_digests():
-        app.add_middleware(ApiKeyMiddleware, digests=digests, on_refused=app_metrics.count_refused)
+        app.add_middleware(
+            ApiKeyMiddleware, digests=digests, on_refused=app_metrics.count_refused,
+            admin_digests=settings.admin_key_digests(),
+        )  # fmt: skip
     if origins := settings.cors_origin_list():
         app.add_middleware(
             CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
