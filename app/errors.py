@@ -167,3 +167,102 @@ def openai_error_body(error: MiniVaultError) -> dict[str, Any]:
 def ollama_error(error: MiniVaultError) -> tuple[int, dict[str, Any]]:
     """Ollama's status and body, `{"error": "..."}`: Ollama answers a bad request with 400, not 422."""
     return (400 if error.status == 422 else error.status), {"error": error.message}
+
+
+# --- §4 "a key is not root" (keys helper): model management needs an admin key, registries and the queue share.
+
+
+class Forbidden(MiniVaultError):
+    """The key is known but may not do this (model management needs an admin key)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class RegistryNotAllowed(Forbidden):
+    """A model name names a registry host MINIVAULT_PULL_REGISTRIES does not list, or asks for `insecure`."""
+
+    code = "registry_not_allowed"
+
+
+class PushNotAllowed(Forbidden):
+    """`/api/push` sends a model off this machine; MINIVAULT_ALLOW_PUSH is off."""
+
+    code = "push_not_allowed"
+
+
+class QueueShareExceeded(Busy):
+    """The key already holds MINIVAULT_MAX_QUEUE_PER_KEY places in the queue; retry after `retry_after` s."""
+
+    code = "queue_share_exceeded"
+
+
+# --- §1 "a web page must not drive MiniVault" (edge helper): the Host, Origin and Content-Type checks.
+
+
+class HostNotAllowed(MiniVaultError):
+    """The Host header names a server MiniVault does not serve (DNS rebinding); see MINIVAULT_ALLOWED_HOSTS."""
+
+    status = 403
+    code = "host_not_allowed"
+    ws_close = WS_POLICY_VIOLATION
+
+
+class OriginNotAllowed(MiniVaultError):
+    """A web page of another origin, not listed in MINIVAULT_CORS_ORIGINS, sent the request."""
+
+    status = 403
+    code = "origin_not_allowed"
+    ws_close = WS_POLICY_VIOLATION
+
+
+class UnsupportedMediaType(MiniVaultError):
+    """A body that is not declared as JSON (`Content-Type: application/json` or a `+json` type)."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+# --- §2 "refusals are cheap" (writer helper): a websocket that keeps sending invalid frames is closed.
+
+
+class TooManyInvalidFrames(MiniVaultError):
+    """A websocket sent more than MINIVAULT_WS_MAX_INVALID_FRAMES invalid frames within 10 s; closed with 1008."""
+
+    status = 429
+    code = "too_many_invalid_frames"
+    ws_close = WS_POLICY_VIOLATION
+
+
+# --- §2 history search (history helper): a search that would run too long is stopped.
+
+
+class QueryTooExpensive(MiniVaultError):
+    """A history search ran past MINIVAULT_HISTORY_QUERY_SECONDS and was stopped; narrow it and retry."""
+
+    status = 422
+    code = "query_too_expensive"
+
+
+# --- §2 request heads and slow clients (server helper): refusals the connection guards write before the app runs.
+
+
+class HeadersTooLarge(MiniVaultError):
+    """The request head (request line and headers) is over MINIVAULT_MAX_HEADER_BYTES; the connection is closed."""
+
+    status = 431
+    code = "headers_too_large"
+
+
+class RequestTimeout(MiniVaultError):
+    """The request head or body did not arrive in time (MINIVAULT_HEADER_TIMEOUT, MINIVAULT_BODY_TIMEOUT)."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class TooManyConnections(MiniVaultError):
+    """MINIVAULT_MAX_CONNECTIONS client connections are open and none can be let go; retry shortly."""
+
+    status = 503
+    code = "too_many_connections"
