@@ -26,10 +26,12 @@ from app.backends import Backend, open_backend
 from app.body_limit import BodyLimitMiddleware
 from app.bootstrap import start_bootstrap
 from app.config import ConfigError, Settings, load_settings
+from app.connections import check_connection_guards
 from app.conversations import ContextLimits, ConversationMemory
 from app.core import GenerationService, Timeouts
 from app.dialects.ollama import ChatBody, GenerateBody
 from app.dialects.openai import ChatCompletionRequest, CompletionRequest
+from app.edge import WebGuardMiddleware
 from app.errors import InvalidRequest, MethodNotAllowed, MiniVaultError, RouteNotFound
 from app.health import BackendProbe
 from app.interactions import JsonlWriter
@@ -57,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_server_log(settings.log_format)  # uvicorn may have reconfigured logging since
+        check_connection_guards(settings)  # before the drain takes over uvicorn's signal handler
         async with AsyncExitStack() as stack:
             stack.callback(app_metrics.close)
             interaction_log = JsonlWriter(
@@ -64,11 +67,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 on_batch=app_metrics.count_log_batch,
                 max_bytes=settings.log_max_bytes,
                 backups=settings.log_backups,
+                max_queue_bytes=settings.writer_queue_bytes,
+                on_summarized=app_metrics.summarized("log"),
             )
             interaction_log.start()
             stack.push_async_callback(interaction_log.aclose)
             # SQLite files by default; PostgreSQL, shared by replicas, with MINIVAULT_DATABASE_URL.
             exchange_history, conversations = await open_stores(settings, stack)
+            # The log comes first (a full disk): the history writes only what the log has.
+            exchange_history.follow(interaction_log)
+            exchange_history.bound_queue(settings.writer_queue_bytes, app_metrics.summarized("history"))
             backend = await open_backend(settings, stack, app_metrics)
             memory = None
             if conversations is not None:
@@ -121,8 +129,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = app_metrics
-    # Added innermost first: request id, then CORS (preflights answered without a key), then auth,
-    # then the body limit; each error on the way out carries the request id.
+    # Added innermost first: request id, then the web guard (foreign Host, Origin, non-JSON bodies: before
+    # anything else sees them), then CORS (preflights answered without a key), then auth, then the body
+    # limit; each error on the way out carries the request id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if digests := settings.key_digests():
         app.add_middleware(
@@ -134,6 +143,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
             expose_headers=["X-Request-ID", "Retry-After"], max_age=600,
         )  # fmt: skip
+    app.add_middleware(
+        WebGuardMiddleware, allowed_hosts=settings.allowed_host_list(), allowed_origins=settings.cors_origin_list(),
+        on_refused=app_metrics.count_refused,
+    )  # fmt: skip
     app.add_middleware(RequestIdMiddleware)
     _add_error_handlers(app)
     # Starlette tries routers in this order, and each one tried before the right one costs a few µs
@@ -178,6 +191,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         models.update(model_schema.pop("$defs", {}))
         models[model.__name__] = model_schema
+    _document_edge_errors(schema)
     if not app.state.settings.key_digests():
         # Declared only when enforced: schemathesis' ignored_auth check (rightly) fails a scheme the API ignores.
         app.openapi_schema = schema
@@ -198,6 +212,35 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             operation["responses"].setdefault("401", unauthorized)
     app.openapi_schema = schema
     return schema
+
+
+# The web guard's refusals (app/edge.py), in the body shape of each path's dialect.
+_FOREIGN = "host_not_allowed or origin_not_allowed: a foreign Host (see MINIVAULT_ALLOWED_HOSTS) or a web page of "\
+    "another origin (see MINIVAULT_CORS_ORIGINS)"  # fmt: skip
+_NOT_JSON = "unsupported_media_type: the body is not sent as `Content-Type: application/json` (or a `+json` type)"
+_FORM_BLOB = "unsupported_media_type: a blob sent as text/plain or form data (send application/octet-stream)"
+
+
+def _document_edge_errors(schema: dict[str, Any]) -> None:
+    """Add the 403 every operation can answer and the 415 of every operation that takes a body."""
+    for path, operations in schema["paths"].items():
+        if path.startswith("/v1/"):
+            body = "OpenAIErrorBody"
+        elif path.startswith("/api/"):
+            body = "OllamaErrorBody"
+        else:
+            body = "ErrorBody"
+        content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            if "403" in responses:
+                responses["403"]["description"] += f"; or {_FOREIGN}"
+            else:
+                responses["403"] = {"description": _FOREIGN, "content": content}
+            if method == "post" and path.startswith("/api/blobs/"):
+                responses.setdefault("415", {"description": _FORM_BLOB, "content": content})
+            elif "requestBody" in operation:
+                responses.setdefault("415", {"description": _NOT_JSON, "content": content})
 
 
 async def _warm_up(backend: Backend) -> None:

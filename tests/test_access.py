@@ -315,10 +315,12 @@ async def test_cors_is_off_by_default(minivault: RunningServer) -> None:
             headers={"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"},
         )
 
-    assert simple.status_code == 200
+    # With no origins listed, a page of another origin is refused outright (app/edge.py).
+    assert simple.status_code == 403
+    assert simple.json()["error"]["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in simple.headers
-    assert preflight.status_code == 405
-    assert preflight.json()["error"]["code"] == "method_not_allowed"
+    assert preflight.status_code == 403
+    assert preflight.json()["error"]["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in preflight.headers
 
 
@@ -343,7 +345,8 @@ async def test_cors_answers_preflights_without_a_key_for_listed_origins_only(
     assert "POST" in allowed.headers["access-control-allow-methods"]
     allowed_headers = {name.strip().lower() for name in allowed.headers["access-control-allow-headers"].split(",")}
     assert allowed_headers >= {"authorization", "content-type"}
-    assert other.status_code == 400
+    assert other.status_code == 403
+    assert other.json()["error"]["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in other.headers
     assert actual.status_code == 200
     assert actual.headers["access-control-allow-origin"] == "http://a.test"

@@ -441,8 +441,9 @@ def test_least_conn_sends_new_requests_to_the_replica_without_a_stream(proxied: 
 
 def test_a_body_over_the_limit_stops_at_nginx_with_minivaults_error(proxied: ProxiedFleet) -> None:
     limit = 1_048_576
-    too_large = httpx.post(f"{proxied.url}/generate", content=b"x" * (limit + 1), headers=AUTH)
-    at_limit = httpx.post(f"{proxied.url}/generate", content=b"x" * limit, headers=AUTH)
+    as_json = {**AUTH, "Content-Type": "application/json"}
+    too_large = httpx.post(f"{proxied.url}/generate", content=b"x" * (limit + 1), headers=as_json)
+    at_limit = httpx.post(f"{proxied.url}/generate", content=b"x" * limit, headers=as_json)
 
     assert too_large.status_code == 413
     assert too_large.headers["content-type"] == "application/json"

@@ -441,3 +441,55 @@ def test_swagger_ui_and_redoc_render_offline(page: WebDriver, gateway: Gateway) 
     wait_for(page, lambda d: set(d.execute_script(rendered)) == operations)
     assert page.find_element(By.TAG_NAME, "h1").text == f"MiniVault ({__version__})"
     assert console_errors(page) == []
+
+
+# --- Security headers and HEAD (issue 15, §5) -------------------------------------------------------------------
+
+BROWSER_LOADED = (
+    "/", "/docs", "/redoc", "/static/index.html", "/static/app.js", "/static/style.css",
+    "/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css", "/docs-assets/redoc.standalone.js",
+    "/docs-assets/favicon.png",
+)  # fmt: skip
+
+
+def test_every_page_and_file_a_browser_loads_forbids_framing_and_sniffing(gateway: Gateway) -> None:
+    with httpx.Client(base_url=gateway.url) as client:
+        responses = {path: client.get(path) for path in BROWSER_LOADED}
+
+    for path, response in responses.items():
+        assert response.status_code == 200, path
+        policy = response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy.split("; "), path
+        assert policy.startswith("default-src 'none'; "), path
+        assert "unsafe-eval" not in policy, path
+        assert response.headers["x-content-type-options"] == "nosniff", path
+        assert response.headers["x-frame-options"] == "DENY", path
+    # The playground itself runs no inline script and no inline style at all; Swagger UI only its own start-up
+    # script, by hash.
+    assert "'self'; style-src 'self'; connect-src" in responses["/"].headers["content-security-policy"]
+    swagger = responses["/docs"].headers["content-security-policy"]
+    assert "unsafe-inline" not in swagger and "script-src 'self' 'sha256-" in swagger
+
+
+@pytest.mark.parametrize("path", ["/", "/docs", "/redoc"])
+def test_head_answers_like_get_without_a_body(gateway: Gateway, path: str) -> None:
+    with httpx.Client(base_url=gateway.url) as client:
+        got, head = client.get(path), client.head(path)
+
+    assert head.status_code == 200
+    assert head.content == b""
+    for name in ("content-type", "content-length", "content-security-policy", "x-content-type-options"):
+        assert head.headers[name] == got.headers[name], name
+    assert int(head.headers["content-length"]) == len(got.content)
+
+
+def test_swagger_ui_try_it_out_runs_under_its_policy(page: WebDriver, gateway: Gateway) -> None:
+    page.get(f"{gateway.url}/docs")
+    summary = '.opblock-summary-path[data-path="/health"]'
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, summary))[0].click()
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, ".try-out__btn"))[0].click()
+    wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, ".execute"))[0].click()
+
+    status = ".live-responses-table .response .response-col_status"
+    assert wait_for(page, lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, status)]) == ["200"]
+    assert console_errors(page) == []

@@ -28,8 +28,8 @@ def test_collection_passes_against_a_live_minivault(minivault: RunningServer, tm
 
     assert run["failures"] == []
     assert code == 0
-    assert run["stats"]["requests"] == {"total": 44, "pending": 0, "failed": 0}
-    assert run["stats"]["assertions"] == {"total": 134, "pending": 0, "failed": 0}
+    assert run["stats"]["requests"] == {"total": 46, "pending": 0, "failed": 0}
+    assert run["stats"]["assertions"] == {"total": 139, "pending": 0, "failed": 0}
     names = {execution["item"]["name"] for execution in run["executions"]}
     assert {"Generate (JSON)", "Generate (stream: Server-Sent Events)", "Health", "Ready", "Models", "Metrics",
             "Pull a model (Ollama backend)", "Blank prompt", "Unknown model", "Bad JSON",
@@ -46,7 +46,8 @@ def test_collection_passes_against_a_live_minivault(minivault: RunningServer, tm
 def test_collection_passes_against_a_minivault_with_api_keys(
     fake_server: RunningServer, log_path: Path, tmp_path: Path
 ) -> None:
-    settings = make_settings(ollama_base_url=fake_server.url, log_path=log_path, api_keys="postman-key")
+    # An admin key: the collection pulls a model, which an ordinary key may not (403).
+    settings = make_settings(ollama_base_url=fake_server.url, log_path=log_path, admin_keys="postman-key")
     with serve_in_thread(create_app(settings)) as server:
         code, run = run_newman(server.url, tmp_path / "report.json", api_key="postman-key")
 

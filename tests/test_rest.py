@@ -112,16 +112,17 @@ def test_invalid_requests_get_422_naming_the_field_and_are_logged(
     assert (line["status"], line["error"]["code"], line["id"]) == ("error", "invalid_request", error["id"])
 
 
-def test_json_is_accepted_without_a_content_type(minivault: RunningServer) -> None:
-    # curl -d without -H sends application/x-www-form-urlencoded; the body is still JSON.
+def test_json_sent_as_a_form_is_refused_with_415(minivault: RunningServer) -> None:
+    # curl -d without -H sends application/x-www-form-urlencoded, as a web page's form can: never read as JSON.
     response = httpx.post(
         f"{minivault.url}/generate",
         content=b'{"prompt": "hello there"}',
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
 
-    assert response.status_code == 200
-    assert response.json()["response"] == "hello there"
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -226,7 +227,7 @@ def test_client_hanging_up_cancels_the_upstream_request(
     body = b'{"prompt": "x", "model": "slow"}'
     with socket.create_connection((minivault.host, minivault.port)) as conn:
         conn.sendall(
-            b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         fake.wait_until(lambda f: f.started == 1)

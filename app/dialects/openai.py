@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.backends import ChatInput
 from app.core import Exchange
 from app.errors import InvalidRequest, MiniVaultError, openai_error_body
-from app.schemas import INT64_MAX, INT64_MIN, NOT_BLANK, describe_validation_errors
+from app.schemas import INT64_MAX, INT64_MIN, NOT_BLANK, describe_validation_errors, reject_non_finite
 
 S = TypeVar("S", bound="Sampling")
 
@@ -163,6 +163,7 @@ _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 def _validate(model: type[S], raw: bytes, example: str) -> S:
     if not raw.strip():
         raise InvalidRequest(f"the body is empty: send a JSON object like {example}")
+    reject_non_finite(raw)  # pydantic would take 1e999 and NaN, also in the fields passed on as they are
     try:
         request = model.model_validate_json(raw)
     except ValidationError as exc:

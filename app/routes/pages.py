@@ -5,6 +5,9 @@ JavaScript and CSS come from the `fastapi-offline` package, which ships Swagger 
 release files, rather than from copies kept by hand.
 """
 
+import base64
+import hashlib
+import re
 from functools import cache
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
@@ -24,16 +28,45 @@ _REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 router = APIRouter(include_in_schema=False)
 
+# The page keeps the API key in local storage: no other site may frame it (clickjacking), run script in
+# it, or have a response sniffed into a script. Each policy allows only what that page loads from here.
+_PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_ASSET_CSP = "default-src 'none'; frame-ancestors 'none'"
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+_INLINE_STYLE = re.compile(r"<style>(.*?)</style>", re.DOTALL)
 
-@router.get("/")
+
+def security_headers(csp: str) -> dict[str, str]:
+    """The headers every page and file a browser loads from MiniVault carries."""
+    return {
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",  # frame-ancestors, for browsers older than CSP 2
+        "Referrer-Policy": "no-referrer",
+    }
+
+
+def _hashes(pattern: re.Pattern[str], html: str) -> str:
+    """CSP sources allowing exactly the inline blocks of `html` that `pattern` finds."""
+    digests = (base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in pattern.findall(html))
+    return " ".join(f"'sha256-{digest}'" for digest in digests)
+
+
+PAGE_HEADERS = {**security_headers(_PAGE_CSP), "Cache-Control": "no-cache"}
+
+
+@router.api_route("/", methods=["GET", "HEAD"])
 async def playground() -> FileResponse:
     """The chat page (app/static/index.html)."""
-    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
 
 
-@router.get("/docs")
-async def swagger_ui() -> HTMLResponse:
-    return get_swagger_ui_html(
+@cache
+def _swagger_page() -> tuple[bytes, dict[str, str]]:
+    html = get_swagger_ui_html(
         openapi_url="/openapi.json",
         title="MiniVault - Swagger UI",
         swagger_js_url="/docs-assets/swagger-ui-bundle.js",
@@ -41,18 +74,44 @@ async def swagger_ui() -> HTMLResponse:
         swagger_favicon_url="/docs-assets/favicon.png",
         # The validator badge would ask validator.swagger.io about the schema.
         swagger_ui_parameters={"validatorUrl": None},
+    ).body.decode()
+    # Swagger UI's start-up script is inline: its hash, not 'unsafe-inline', lets it (and only it) run.
+    csp = (
+        f"default-src 'none'; script-src 'self' {_hashes(_INLINE_SCRIPT, html)}; style-src 'self'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
+    return html.encode(), security_headers(csp)
 
 
-@router.get("/redoc")
-async def redoc() -> HTMLResponse:
-    return get_redoc_html(
+@cache
+def _redoc_page() -> tuple[bytes, dict[str, str]]:
+    html = get_redoc_html(
         openapi_url="/openapi.json",
         title="MiniVault - ReDoc",
         redoc_js_url="/docs-assets/redoc.standalone.js",
         redoc_favicon_url="/docs-assets/favicon.png",
         with_google_fonts=False,
+    ).body.decode()
+    # ReDoc writes its styles into <style> elements as it renders (styled-components), and runs its search
+    # index in a worker made from a blob: URL.
+    csp = (
+        "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; worker-src blob:; "
+        "connect-src 'self'; img-src 'self' data:; font-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
     )
+    return html.encode(), security_headers(csp)
+
+
+@router.api_route("/docs", methods=["GET", "HEAD"])
+async def swagger_ui() -> HTMLResponse:
+    body, headers = _swagger_page()
+    return HTMLResponse(body, headers=headers)
+
+
+@router.api_route("/redoc", methods=["GET", "HEAD"])
+async def redoc() -> HTMLResponse:
+    body, headers = _redoc_page()
+    return HTMLResponse(body, headers=headers)
 
 
 @cache
@@ -63,11 +122,31 @@ def _redoc_script() -> bytes:
 @router.get("/docs-assets/redoc.standalone.js")
 def redoc_js() -> Response:
     """fastapi-offline's ReDoc bundle, its one internet address (the Redocly logo) pointed at a local image."""
-    return Response(_redoc_script(), media_type="text/javascript; charset=utf-8")
+    return Response(_redoc_script(), media_type="text/javascript; charset=utf-8", headers=_ASSET_HEADERS)
+
+
+_ASSET_HEADERS = security_headers(_ASSET_CSP)
+
+
+class _WithHeaders:
+    """Adds `headers` to every response of a mounted app (StaticFiles has no option for it)."""
+
+    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
+        self.app = app
+        self.raw = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *self.raw]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def mount_pages(app: FastAPI) -> None:
     """Add the page routes and the two static folders to `app` (built with docs_url=None, redoc_url=None)."""
     app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")
+    # /static/index.html is the page itself, so it gets the page's policy.
+    app.mount("/static", _WithHeaders(StaticFiles(directory=STATIC_DIR), security_headers(_PAGE_CSP)), name="static")
+    app.mount("/docs-assets", _WithHeaders(StaticFiles(directory=DOCS_ASSETS_DIR), _ASSET_HEADERS), name="docs-assets")

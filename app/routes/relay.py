@@ -35,8 +35,8 @@ async def read_exchange(
         raw = await request.body()
         parsed, chat = parse(raw, state.settings.max_prompt_chars)
     except (InvalidRequest, PayloadTooLarge) as exc:
-        service.reject(request_id, endpoint, client, key_id, exc, *_asked(raw))
-        raise
+        # Counted against the key's rate limit like a prompt: over it, the answer is the (cheaper) 429.
+        raise await service.refuse(request_id, endpoint, client, key_id, exc, *_asked(raw)) from None
     if chat is None:
         return parsed, None
     return parsed, service.chat_exchange(request_id, endpoint, client, key_id, chat)

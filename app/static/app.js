@@ -142,7 +142,14 @@ async function openConversation(id) {
   if (turn) return;
   let conversation;
   try {
-    conversation = await api(`/conversations/${encodeURIComponent(id)}`);
+    const path = `/conversations/${encodeURIComponent(id)}?limit=500`;
+    conversation = await api(path);
+    // Turns come a page at a time: follow next_cursor to the last page.
+    while (conversation.next_cursor) {
+      const next = await api(`${path}&cursor=${encodeURIComponent(conversation.next_cursor)}`);
+      next.turns = conversation.turns.concat(next.turns);
+      conversation = next;
+    }
   } catch (error) {
     showError(error);
     return;
