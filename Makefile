@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# uvicorn's httptools protocol with MiniVault's bounds on request heads, slow clients and connections.
+GUARDED_PROTOCOL := app.connections:GuardedProtocol
 
 .PHONY: run test lint format clean system-deps bench
 
@@ -38,7 +40,8 @@ system-deps:
 		echo "warning:$$missing missing and cannot be installed here; the tests that use them will fail"
 
 run: $(VENV)/.runtime
-	$(BIN)/python -m uvicorn app.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
+	$(BIN)/python -m uvicorn app.main:app --host $(HOST) --port $(PORT) --http $(GUARDED_PROTOCOL) \
+		--ws-per-message-deflate false
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check app tests bench

@@ -1,8 +1,12 @@
 """What the gateway features cost on the hot path, all measured in one run against the same fake:
 
-- `on`: API key required (and sent), admission limits on (16 slots, queue 64), metrics on;
+- `on`: API key required (and sent), admission limits on (16 slots, queue 64), metrics on, and what issue 15
+  turned on by default: host and origin checks, per-key scoping, the connection guards (the Dockerfile's
+  `--http app.connections:GuardedProtocol`);
 - `off`: the same code with no keys and limits too wide to matter (metrics cannot be turned off);
-- `baseline`: the version before these features (BASELINE_REV), when git can provide its tree.
+- `plain`: `on` served by uvicorn's plain httptools protocol: what the connection guards cost alone;
+- `baseline`: the version before these features (BASELINE_REV), when git can provide its tree;
+- `previous`: the commit before issue 15 (PREVIOUS_REV) with `on`'s key and limits, run as it shipped.
 Rounds rotate the order of the servers, and each figure is the median over rounds.
 """
 
@@ -19,6 +23,9 @@ from bench.wrk import run_wrk
 
 # The last commit before API keys, admission control and metrics: "today's figure" for this comparison.
 BASELINE_REV = "f420d3f"
+# The commit before issue 15 (safe by default: host, origin and connection guards, per-key scoping): its
+# Speed section bounds `on` against this one, measured in the same run.
+PREVIOUS_REV = "620fb0c"
 KEY = "bench-key"
 ON_ENV = {"MINIVAULT_API_KEYS": KEY, "MINIVAULT_MAX_CONCURRENCY": "16", "MINIVAULT_MAX_QUEUE": "64"}
 ON_HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -28,13 +35,13 @@ def say(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def baseline_tree(workdir: Path) -> Path | None:
-    """BASELINE_REV's files, unpacked from git; None (and why) when the clone lacks that commit."""
-    target = workdir / "baseline"
+def baseline_tree(workdir: Path, rev: str = BASELINE_REV, name: str = "baseline") -> Path | None:
+    """`rev`'s files, unpacked from git; None (and why) when the clone lacks that commit."""
+    target = workdir / name
     target.mkdir(exist_ok=True)
-    archive = subprocess.run(["git", "archive", BASELINE_REV], cwd=ROOT, capture_output=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True)
     if archive.returncode != 0:
-        say(f"no baseline: git cannot provide {BASELINE_REV} ({archive.stderr.decode().strip()})")
+        say(f"no {name}: git cannot provide {rev} ({archive.stderr.decode().strip()})")
         return None
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
     return target
@@ -43,22 +50,34 @@ def baseline_tree(workdir: Path) -> Path | None:
 def measure(fake: Served, workdir: Path, rounds: int, seconds: float, generate_body: str, fake_body: str
             ) -> dict[str, Any]:  # fmt: skip
     """Added latency at concurrency 1 and CPU per request at concurrency 16, per variant."""
-    variants: dict[str, tuple[dict[str, str], dict[str, str], Path]] = {
-        "off": ({}, {}, ROOT),
-        "on": (ON_ENV, ON_HEADERS, ROOT),
+    # name: (environment, request headers, code tree, uvicorn protocol in place of the CMD's)
+    variants: dict[str, tuple[dict[str, str], dict[str, str], Path, str | None]] = {
+        "off": ({}, {}, ROOT, None),
+        "on": (ON_ENV, ON_HEADERS, ROOT, None),
+        "plain": (ON_ENV, ON_HEADERS, ROOT, "httptools"),
     }
     tree = baseline_tree(workdir)
     if tree is not None:
-        variants["baseline"] = ({}, {}, tree)
+        variants["baseline"] = ({}, {}, tree, None)
+    previous = baseline_tree(workdir, PREVIOUS_REV, "previous")
+    if previous is not None:
+        variants["previous"] = (ON_ENV, ON_HEADERS, previous, None)
     servers = {
-        name: start_minivault(workdir, fake.url, name=f"gateway-{name}", env=env, code=code)
-        for name, (env, _, code) in variants.items()
+        name: start_minivault(workdir, fake.url, name=f"gateway-{name}", env=env, code=code, http=http)
+        for name, (env, _, code, http) in variants.items()
     }
     try:
-        # The `on` server must really refuse a request without the key, or the comparison means nothing.
-        refused = httpx.post(f"{servers['on'].url}/generate", content=generate_body).status_code
-        if refused != 401:
-            raise RuntimeError(f"the keyed server answered {refused} without a key")
+        # The keyed servers must really refuse a request without the key, and `on` run the connection guards
+        # (`plain` not), or the comparison means nothing.
+        for name in ("on", "plain", "previous"):
+            if name in servers:
+                refused = httpx.post(f"{servers[name].url}/generate", content=generate_body,
+                                     headers={"Content-Type": "application/json"}).status_code  # fmt: skip
+                if refused != 401:
+                    raise RuntimeError(f"the keyed server {name!r} answered {refused} without a key")
+        for name, guards in (("on", "connection guards on"), ("plain", "connection guards are off")):
+            if guards not in servers[name].log.read_text():
+                raise RuntimeError(f"the {name!r} server's log does not say {guards!r}")
         for name, served in servers.items():
             run_wrk(f"{served.url}/generate", generate_body, 16, 1, variants[name][1])
         rows: dict[str, list[float]] = {}
@@ -81,4 +100,5 @@ def measure(fake: Served, workdir: Path, rounds: int, seconds: float, generate_b
             served.stop()
     results: dict[str, Any] = {key: statistics.median(values) for key, values in rows.items()}
     results["gw_baseline_rev"] = BASELINE_REV if tree is not None else None
+    results["gw_previous_rev"] = PREVIOUS_REV if previous is not None else None
     return results

@@ -105,9 +105,9 @@ def start_fake(workdir: Path, *, name: str = "fake", slowdown: float = 1.0, para
     return Served(process, port, log)
 
 
-def production_flags() -> list[str]:
-    """The uvicorn options of the Dockerfile's CMD, less host and port: the benchmark runs what ships."""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
+def production_flags(code: Path = ROOT) -> list[str]:
+    """The uvicorn options of the Dockerfile's CMD in `code`, less host and port: the benchmark runs what ships."""
+    for line in (code / "Dockerfile").read_text().splitlines():
         if line.startswith("CMD "):
             command = json.loads(line[4:])
             flags = command[command.index("app.main:app") + 1 :]
@@ -133,9 +133,10 @@ def start_minivault(
     env: dict[str, str] | None = None,
     code: Path = ROOT,
     target: str = "app.main:app",
+    http: str | None = None,
 ) -> Served:
-    """MiniVault as the Dockerfile's CMD runs it, bound to loopback; `code` may be another version's tree,
-    `target` another ASGI app (bench/history_off.py)."""
+    """MiniVault as the Dockerfile's CMD (of `code`, which may be another version's tree) runs it, bound to
+    loopback; `target` may be another ASGI app (bench/history_off.py), `http` another uvicorn protocol."""
     port = free_port()
     log = workdir / f"{name}.out"
     interactions = workdir / f"{name}.jsonl"
@@ -144,8 +145,12 @@ def start_minivault(
                    "OLLAMA_MODEL": "bench:latest", "MINIVAULT_LOG_PATH": str(interactions),
                    "MINIVAULT_DB_PATH": str(workdir / f"{name}.db"),
                    **WIDE_LIMITS, **(env or {})}  # fmt: skip
-    command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
-               *production_flags()]  # fmt: skip
+    flags = production_flags(code)
+    if http is not None:  # in place of the CMD's own choice (the guarded protocol, in this version)
+        if "--http" in flags:
+            del flags[flags.index("--http") : flags.index("--http") + 2]
+        flags += ["--http", http]
+    command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port), *flags]
     if workers > 1:
         command += ["--workers", str(workers)]
     with log.open("wb") as output:

@@ -134,7 +134,7 @@ def run(plan: Plan) -> dict[str, Any]:
         finally:
             minivault.stop()
         results["one_worker_log"] = check_log(Path(minivault.extra["interactions"]))
-        say("gateway features on (key, limits, metrics) vs off vs the version before them")
+        say("gateway features on (key, limits, metrics, issue 15's guards) vs off, plain httptools, older versions")
         results |= gateway.measure(fake, workdir, rounds, seconds, GENERATE_BODY, FAKE_BODY)
         say(f"history database: {plan.history_rows:,} exchanges, then searches, filters and stats on it")
         history_db = workdir / "history.db"
@@ -214,6 +214,7 @@ def table(r: dict[str, Any]) -> str:
         ("2 workers: requests/s, concurrency 64", f"{r['workers2_c64_rps']:,.0f}",
          f"{r['workers2_c64_rps'] / r['c64_rps']:.2f}× one worker", "", None),
         *gateway_rows(r),
+        *guard_rows(r),
         *history_rows(r),
         *dialect_rows(r),
         *fleet_rows(r),
@@ -287,6 +288,32 @@ def gateway_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | Non
         ("Gateway features on: CPU per request, concurrency 16", f"{r['gw_on_c16_cpu_ms']:.2f} ms",
          f"features off {r['gw_off_c16_cpu_ms']:.2f} ms, {r['gw_on_c16_cpu_ms'] / r['gw_off_c16_cpu_ms']:.2f}×"
          f"{cpu_baseline}", "≤ 1.0 ms", r["gw_on_c16_cpu_ms"] <= 1.0),
+    ]  # fmt: skip
+
+
+def guard_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """Issue 15's Speed bounds: everything it turned on against the commit before it, and the guards alone."""
+    on_cpu, on_latency = r["gw_on_c16_cpu_ms"], r["gw_on_added_p50_ms"]
+    plain_cpu, plain_latency = r["gw_plain_c16_cpu_ms"], r["gw_plain_added_p50_ms"]
+    guards = ("Connection guards alone (key and limits on): CPU per request, concurrency 16; added latency, "
+              "concurrency 1", f"{on_cpu:.2f} ms; {on_latency:.2f} ms",
+              f"plain httptools {plain_cpu:.2f} ms, {on_cpu / plain_cpu:.2f}×; {plain_latency:.2f} ms, "
+              f"{on_latency / plain_latency:.2f}×", "", None)  # fmt: skip
+    rev = r.get("gw_previous_rev")
+    if not rev:
+        missing = ("git cannot provide the commit before issue 15", "", "", None)
+        return [("Issue 15 on: CPU per request, concurrency 16", *missing),
+                ("Issue 15 on: added latency, concurrency 1, median", *missing), guards]  # fmt: skip
+    before_cpu, before_latency = r["gw_previous_c16_cpu_ms"], r["gw_previous_added_p50_ms"]
+    return [
+        ("Issue 15 on (host, origin and connection guards, per-key scoping; key and limits on): CPU per request, "
+         "concurrency 16", f"{on_cpu:.2f} ms", f"{rev} (before issue 15) {before_cpu:.2f} ms, "
+         f"{on_cpu / before_cpu:.2f}×", f"≤ 1.0 ms and ≤ 1.10× {rev}",
+         on_cpu <= 1.0 and on_cpu <= before_cpu * 1.10),
+        ("Issue 15 on: added latency, concurrency 1, median", f"{on_latency:.2f} ms",
+         f"{rev} {before_latency:.2f} ms, {on_latency / before_latency:.2f}×", f"≤ 1.10× {rev}",
+         on_latency <= before_latency * 1.10),
+        guards,
     ]  # fmt: skip
 
 

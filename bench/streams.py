@@ -40,7 +40,7 @@ class RawHttp:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
         payload = json.dumps(body).encode()
-        head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         request = f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload
         started = time.perf_counter()
         self.writer.write(request)

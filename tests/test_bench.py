@@ -57,5 +57,7 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert sum(figures[f"fleet_{strategy}_served_pct"]) == pytest.approx(100)
     assert figures["fleet_round_robin_served_pct"] == [25, 25, 25, 25]
     table = (tmp_path / "latest.md").read_text()
-    assert table.count("\n| ") == 34  # the header row and one row per measure
+    assert table.count("\n| ") == 37  # the header row and one row per measure
     assert "| Requests/s, concurrency 16 |" in result.stdout
+    assert "| Issue 15 on: added latency, concurrency 1, median |" in table
+    assert figures["gw_previous_rev"] == "620fb0c" and figures["gw_plain_errors"] == figures["gw_on_errors"] == 0

@@ -106,6 +106,7 @@ def test_image_cmd_starts_the_app_and_healthcheck_probes_it(fake_server: Running
     cmd = _exec_form("CMD")
     assert cmd[:2] == ["uvicorn", "app.main:app"]
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--http") + 1] == "app.connections:GuardedProtocol"  # the connection guards
     # Same command, but bound to loopback on a free port handed over as a file descriptor.
     sock = bound_socket()
     port = sock.getsockname()[1]
@@ -118,11 +119,14 @@ def test_image_cmd_starts_the_app_and_healthcheck_probes_it(fake_server: Running
     server = subprocess.Popen(command, cwd=ROOT, env=env, pass_fds=[sock.fileno()], stderr=subprocess.PIPE, text=True)
     try:
         assert server.stderr is not None
+        started = []
         for line in server.stderr:
+            started.append(line)
             if "Application startup complete" in line:
                 break
         else:
             pytest.fail("the image's CMD did not start the app")
+        assert any("connection guards on" in line for line in started), started
         probe = [arg.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for arg in _exec_form("HEALTHCHECK")]
         assert probe[0] == "python"
         healthy = subprocess.run([sys.executable, *probe[1:]], timeout=30)

@@ -39,10 +39,12 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     reload: Annotated[bool, typer.Option(help="Restart when the code changes (development).")] = False,
 ) -> None:
-    """Start the MiniVault API (the same as `make run`)."""
+    """Start the MiniVault API (the same as `make run`), with the connection guards (app/connections.py)."""
     import uvicorn
 
-    uvicorn.run("app.main:app", host=host, port=port, reload=reload)
+    from app.connections import PROTOCOL_PATH
+
+    uvicorn.run("app.main:app", host=host, port=port, reload=reload, http=PROTOCOL_PATH)
 
 
 @commands.command()
@@ -56,7 +58,12 @@ def health(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = Fal
     reachable = "reachable" if backend["reachable"] else "NOT reachable"
     available = "available" if backend["model_available"] else "NOT available"
     typer.echo(f"MiniVault {body['version']}: {body['status']}")
-    typer.echo(f"backend {backend['name']} at {backend['url']}: {reachable}")
+    # /health names no upstream URL (it is open to anyone): the backend, and with several hosts their labels.
+    typer.echo(f"backend {backend['name']}: {reachable}")
+    for host in body.get("hosts", []):
+        why = f" ({host['reason']})" if host.get("reason") else ""
+        models = len(host["models"])
+        typer.echo(f"  {host['host']}: {host['state']}, {models} models, {host['in_flight']} in flight{why}")
     typer.echo(f"model {backend['model']}: {available}")
     typer.echo(f"log: {body['log']}")
 
