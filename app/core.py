@@ -13,9 +13,17 @@ from typing import Any, Protocol
 from app.admission import AdmissionControl
 from app.backends import Backend, ChatInput, Completion
 from app.conversations import ConversationMemory
-from app.errors import BackendTimeout, InvalidRequest, MiniVaultError, ShuttingDown
+from app.errors import BackendTimeout, InvalidRequest, MiniVaultError, RateLimited, ShuttingDown
 from app.rate_limit import RateLimiter
-from app.schemas import Endpoint, ExchangeRecord, GenerateRequest, LoggedError, Status
+from app.schemas import (
+    REFUSED_TEXT_CHARS,
+    Endpoint,
+    ExchangeRecord,
+    GenerateRequest,
+    LoggedError,
+    RefusedRecord,
+    Status,
+)
 from app.store import Turn
 
 logger = logging.getLogger(__name__)
@@ -55,7 +63,7 @@ class Exchange:
 
     __slots__ = (
         "id", "endpoint", "client", "key_id", "conversation_id", "prompt", "system", "options", "chat", "model",
-        "backend", "ts", "started", "announce_queue",
+        "backend", "ts", "started", "announce_queue", "admitted", "admin",
         "parts", "completion", "queue_ms", "ttft_ms", "latency_ms", "status", "error",
     )  # fmt: skip
 
@@ -88,11 +96,15 @@ class Exchange:
         self.model = model or backend.default_model
         # False for dialects whose streams have no way to say "you are number 3 in the queue".
         self.announce_queue = True
+        # Set by the routes (app.auth.is_admin): an admin key may continue any key's conversation.
+        self.admin = False
         self.ts = datetime.now(UTC)
         self.started = time.perf_counter()
         self.parts: list[str] = []
         self.completion = Completion()
         self.queue_ms: float | None = None
+        # Set once a slot is granted: an error before that is a refusal, whose record keeps little text.
+        self.admitted = False
         self.ttft_ms: float | None = None
         self.latency_ms: float | None = None
         self.status: Status = "ok"
@@ -120,11 +132,23 @@ class Exchange:
         }
 
     def record(self, keep_text: bool) -> ExchangeRecord:
-        """The line this exchange leaves in logs/log.jsonl; without `keep_text`, lengths stand in for texts."""
+        """The line this exchange leaves in logs/log.jsonl; without `keep_text`, lengths stand in for texts.
+
+        A refusal (an error before admission) is a RefusedRecord keeping at most REFUSED_TEXT_CHARS of each text.
+        """
         text = self.text
-        system = self.system
+        prompt, system, model = self.prompt, self.system, self.model
         error = self.error
-        return ExchangeRecord(
+        logged_error = LoggedError(error.code, error.message) if error else None
+        kind = ExchangeRecord
+        if self.status == "error" and not self.admitted:
+            # A refusal costs its sender nothing, so it must cost little to keep: whole, a flood of huge
+            # refused prompts filled the disk and the writer queues.
+            kind = RefusedRecord
+            prompt, system, model = _cut(prompt), _cut(system), _cut(model)
+            if logged_error is not None:
+                logged_error.message = _cut(logged_error.message)
+        return kind(
             id=self.id,
             ts=self.iso_ts,
             endpoint=self.endpoint,
@@ -132,15 +156,15 @@ class Exchange:
             key_id=self.key_id,
             conversation_id=self.conversation_id,
             backend=self.backend,
-            model=self.model,
-            prompt=self.prompt if keep_text else None,
+            model=model,
+            prompt=prompt if keep_text else None,
             system=system if keep_text else None,
             options=self.options,
             response=text if keep_text else None,
             prompt_chars=len(self.prompt) if self.prompt is not None else None,
             response_chars=len(text),
             status=self.status,
-            error=LoggedError(error.code, error.message) if error else None,
+            error=logged_error,
             done_reason=self.completion.done_reason,
             prompt_tokens=self.completion.prompt_tokens,
             completion_tokens=self.completion.completion_tokens,
@@ -149,6 +173,10 @@ class Exchange:
             latency_ms=self.latency_ms,
             upstream=self.completion.host,
         )
+
+
+def _cut(text: str | None) -> str | None:
+    return text[:REFUSED_TEXT_CHARS] if text is not None and len(text) > REFUSED_TEXT_CHARS else text
 
 
 class _Guard:
@@ -330,7 +358,7 @@ class GenerationService:
             if await admission.try_enter():
                 admitted = True
             else:
-                ticket = await admission.enqueue()
+                ticket = await admission.enqueue(exchange.key_id)
                 shown = 0
                 while True:
                     ticket.changed.clear()
@@ -347,7 +375,9 @@ class GenerationService:
                         continue
                     await ticket.changed.wait()
                 ticket, admitted = None, True
-                exchange.queue_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
+            # Measured on the fast path too: a free slot is a wait of about 0 ms, not an unknown one.
+            exchange.queue_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
+            exchange.admitted = True
             guard.start()
             guard.inside = True
             async with aclosing(self.backend.stream(chat, exchange.completion)) as chunks:
@@ -367,7 +397,7 @@ class GenerationService:
                 assert self.memory is not None
                 assert exchange.prompt is not None
                 turn = Turn(exchange.prompt, exchange.text, exchange.id, exchange.iso_ts)
-                await self.memory.remember(conversation_id, turn, exchange.system)
+                await self.memory.remember(conversation_id, turn, exchange.system, exchange.key_id)
         except asyncio.CancelledError:
             guard.inside = False
             if guard.cancelled and guard.error is not None:
@@ -411,8 +441,11 @@ class GenerationService:
         guard.inside = True  # the wait and the read can be cut off by shutdown
         await self.memory.acquire(conversation_id)
         try:
+            # An ordinary key continues only its own conversations (another's is not_found); with auth off
+            # (no key_id) or an admin key, any.
+            visible_to = None if exchange.admin else exchange.key_id
             chat = await self.memory.chat_input(
-                conversation_id, exchange.model, prompt, exchange.system, exchange.options
+                conversation_id, exchange.model, prompt, exchange.system, exchange.options, visible_to
             )
         except BaseException:
             self.memory.release(conversation_id)
@@ -440,6 +473,22 @@ class GenerationService:
         exchange.status = "error"
         exchange.error = error
         self.finish(exchange)
+
+    async def refuse(
+        self, request_id: str, endpoint: Endpoint, client: str | None, key_id: str | None,
+        error: MiniVaultError, prompt: object = None, model: object = None,
+    ) -> MiniVaultError:  # fmt: skip
+        """Count a refused request against its key's rate limit and log it; returns what to answer:
+        `error`, or the 429 RateLimited once the key is over its rate (so a flood of bad requests stays cheap)."""
+        if self.rate_limiter is not None:
+            try:
+                await self.rate_limiter.check(key_id)
+            except RateLimited as exc:
+                error = exc
+            except MiniVaultError:
+                pass  # the shared limits' Redis is down: the refusal itself is still the better answer
+        self.reject(request_id, endpoint, client, key_id, error, prompt, model)
+        return error
 
     def finish(self, exchange: Exchange) -> None:
         """Time the exchange and hand its record to every consumer."""

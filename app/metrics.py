@@ -6,6 +6,7 @@ in files there and `/metrics` adds up all workers' files, whichever worker answe
 """
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ class Metrics:
             "minivault_tokens_generated", "Tokens the upstream reported generating.", ["model"], registry=registry
         )
         self.log_lines = Counter(
-            "minivault_log_lines", "Interaction log lines written, and lines whose write failed (retried).",
+            "minivault_log_lines", "Interaction log lines written, and lines whose write failed (each counted once, "
+            "however often it is retried).",
             ["result"], registry=registry,
         )  # fmt: skip
         # With several upstream hosts (a HostPool): per-host series; the host label is its URL.
@@ -80,6 +82,10 @@ class Metrics:
             "minivault_host_cooldowns",
             "Times an upstream host was cooled down after failing (before its first token, or mid-answer).",
             ["host"], registry=registry,
+        )  # fmt: skip
+        self.refusals_summarized = Counter(
+            "minivault_refusals_summarized", "Refused requests a writer (log, history) counted instead of writing, "
+            "its queue being over MINIVAULT_WRITER_QUEUE_BYTES.", ["writer"], registry=registry,
         )  # fmt: skip
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._model_children: dict[str, tuple[Any, Any, Any]] = {}
@@ -148,6 +154,10 @@ class Metrics:
             self._written.inc(written)
         if failed:
             self._failed.inc(failed)
+
+    def summarized(self, writer: str) -> Callable[[int], None]:
+        """The `on_summarized` hook for one writer (`log` or `history`): counts refusals it did not write."""
+        return self.refusals_summarized.labels(writer).inc
 
     def render(self) -> bytes:
         """The text exposition format; reads files in multiprocess mode, so call it off the event loop."""

@@ -3,7 +3,9 @@
 Both keep GCRA (the generic cell rate algorithm): each key has a "theoretical arrival time" that
 every accepted prompt pushes 60/limit seconds further; a prompt is refused while that time is
 more than a minute ahead. So a key may send `limit` prompts at once, then one every 60/limit s,
-and a refused prompt costs nothing. Requests without an API key share the bucket "anonymous".
+and a prompt refused for the rate costs nothing. Requests refused as invalid or too large count
+like prompts (GenerationService.refuse), so a flood of bad requests soon gets the cheap 429.
+Requests without an API key share the bucket "anonymous".
 """
 
 import asyncio

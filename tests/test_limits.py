@@ -81,7 +81,7 @@ def raw_post(server: RunningServer, body: bytes) -> socket.socket:
     """A REST request on a bare socket, so the test decides exactly when the connection goes away."""
     conn = socket.create_connection((server.host, server.port))
     conn.sendall(
-        b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     return conn
@@ -196,14 +196,15 @@ async def test_sse_queued_events_count_down_and_queue_time_is_reported(
     done = third_rest[-1][1]
     assert done["response"] == "third one"
     assert done["timings"]["queue_ms"] > 0
-    # Admitted at once: no queued event, and no queue time.
+    # Admitted at once: no queued event, and the measured queue time of a free slot (about 0 ms, not null).
     assert [name for name, _ in alone_events] == ["token", "done"]
-    assert alone_events[-1][1]["timings"]["queue_ms"] is None
+    alone_queue_ms = alone_events[-1][1]["timings"]["queue_ms"]
+    assert type(alone_queue_ms) is float and 0 <= alone_queue_ms < 100
     lines = by_prompt(read_log(log_path))
-    assert lines["running"]["queue_ms"] is None
+    assert type(lines["running"]["queue_ms"]) is float and 0 <= lines["running"]["queue_ms"] < 100
     assert lines["second"]["queue_ms"] > 0
     assert lines["third one"]["queue_ms"] == done["timings"]["queue_ms"]
-    assert lines["alone"]["queue_ms"] is None
+    assert lines["alone"]["queue_ms"] == alone_queue_ms
     assert [lines[p]["status"] for p in ("running", "second", "third one", "alone")] == [
         "cancelled", "cancelled", "ok", "ok"
     ]  # fmt: skip
@@ -236,7 +237,8 @@ async def test_websocket_queued_frames_count_down_then_tokens_follow(
     assert frames[-1]["response"] == "third one"
     assert frames[-1]["timings"]["queue_ms"] > 0
     lines = by_prompt(read_log(log_path))
-    assert (lines["running"]["status"], lines["running"]["queue_ms"]) == ("cancelled", None)
+    assert lines["running"]["status"] == "cancelled"
+    assert type(lines["running"]["queue_ms"]) is float and 0 <= lines["running"]["queue_ms"] < 100
     assert (lines["third one"]["status"], lines["third one"]["queue_ms"]) == ("ok", frames[-1]["timings"]["queue_ms"])
 
 

@@ -73,9 +73,11 @@ BAD_FRAMES: list[tuple[str, str | bytes, str]] = [
 
 @pytest.fixture
 def vault(fake_server: RunningServer, log_path: Path) -> Iterator[RunningServer]:
+    # Room for every bad frame here: the close after MINIVAULT_WS_MAX_INVALID_FRAMES is tests/test_refusals.py's.
     settings = make_settings(
-        ollama_base_url=fake_server.url, log_path=log_path, max_body_bytes=MAX_BYTES, max_prompt_chars=MAX_PROMPT_CHARS
-    )
+        ollama_base_url=fake_server.url, log_path=log_path, max_body_bytes=MAX_BYTES, max_prompt_chars=MAX_PROMPT_CHARS,
+        ws_max_invalid_frames=10_000,
+    )  # fmt: skip
     with serve_in_thread(create_app(settings)) as server:
         yield server
 

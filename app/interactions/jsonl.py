@@ -15,23 +15,33 @@ from typing import Any
 
 import orjson
 
-from app.schemas import ExchangeRecord
+from app.schemas import ExchangeRecord, RefusedRecord
 
 logger = logging.getLogger(__name__)
 
 _BATCH_LINES = 512
+# MINIVAULT_WRITER_QUEUE_BYTES' default: what each writer (this log, the history) may hold unwritten.
+DEFAULT_QUEUE_BYTES = 64 * 1_048_576
 
 
 class JsonlWriter:
     """Records are serialised on the event loop and appended by a writer thread, in batches.
 
-    Each batch is one `write()` on an O_APPEND descriptor, so lines from concurrent writers
-    (threads or worker processes) never interleave. The file is reopened when it is rotated
-    or deleted. A failed write keeps up to `max_pending` lines to retry with the next batch
-    and marks the log as failing. `linger` seconds let a burst gather into one batch.
+    Each batch is one `write()` on an O_APPEND descriptor, under an flock, so lines from concurrent
+    writers (threads or worker processes) never interleave. The file is reopened
+    when it is rotated or deleted. A failed write keeps up to `max_pending` lines, marks the log
+    as failing and is retried every `retry_seconds` (a full disk is not freed by trying harder);
+    a write cut short (a full disk) is cut back to its last whole line, so the file never holds a
+    partial line between whole ones. `linger` seconds let a burst gather into one batch.
     The file is created readable by its owner only, and a torn last line (left by a killed
     process) is ended before the first new line, so no record is glued to a fragment.
-    `on_batch(written, failed)` is told the outcome of every batch (the metrics counters).
+    `on_batch(written, failed)` is told the lines each attempt wrote and the lines that failed for
+    the first time (the metrics counters: a line retried ten times is one failed line).
+
+    At most `max_queue_bytes` of lines wait unwritten: past that, a RefusedRecord (a request
+    refused before admission) is counted (`on_summarized(1)`, one warning line per episode)
+    instead of queued; every other record is always queued. `lines_settled` (lines written or
+    dropped, in order) lets the history write only what the log has (`notify`).
 
     With `max_bytes`, a batch that would take the file past it first rotates the file
     (log.jsonl -> log.jsonl.1 -> ... -> log.jsonl.`backups`, the oldest dropped) and goes
@@ -52,6 +62,9 @@ class JsonlWriter:
         on_batch: Callable[[int, int], None] | None = None,
         max_bytes: int | None = None,
         backups: int = 5,
+        max_queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        on_summarized: Callable[[int], None] | None = None,
+        retry_seconds: float = 0.5,
     ) -> None:
         self.path = Path(path)
         self._max_bytes = max_bytes
@@ -62,6 +75,21 @@ class JsonlWriter:
         self.last_error: str | None = None
         self.lines_written = 0
         self.lines_dropped = 0
+        # Lines queued (counted on the event loop) and lines written or dropped (counted by the writer
+        # thread), both since the start: each counter has a single writer, so neither needs a lock.
+        self.lines_queued = 0
+        self.lines_settled = 0
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._max_queue_bytes = max_queue_bytes
+        self._on_summarized = on_summarized
+        self.refusals_summarized = 0
+        self._summarizing = False
+        self._listeners: list[Callable[[], None]] = []
+        self._failed_counted = 0  # lines at the head of _pending already counted as failed
+        self._kept = 0  # bytes of the batch a failed write left on the disk (whole lines only)
+        self._retry_seconds = retry_seconds
+        self._retry_at = 0.0
         self._linger = linger
         self._max_pending = max_pending
         self._lines: deque[bytes] = deque()
@@ -87,9 +115,35 @@ class JsonlWriter:
 
     def write(self, record: ExchangeRecord | dict[str, Any]) -> None:
         """Queue one record; never blocks and never raises for disk trouble."""
-        self._lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        if type(record) is RefusedRecord and self._refusal_summarized():
+            return
+        line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        self._bytes_in += len(line)
+        self.lines_queued += 1
+        self._lines.append(line)
         if not self._wakeup.is_set():  # one wake-up per batch, not per line
             self._wakeup.set()
+
+    def _refusal_summarized(self) -> bool:
+        """Over the queue's bound, count a refusal instead of queueing it (one warning per episode)."""
+        if self._bytes_in - self._bytes_out <= self._max_queue_bytes:
+            self._summarizing = False
+            return False
+        self.refusals_summarized += 1
+        if self._on_summarized is not None:
+            self._on_summarized(1)
+        if not self._summarizing:
+            self._summarizing = True
+            logger.warning(
+                "interaction log %s: over %d bytes wait to be written (MINIVAULT_WRITER_QUEUE_BYTES); refused "
+                "requests are counted in minivault_refusals_summarized_total instead of logged until it drains",
+                self.path, self._max_queue_bytes,
+            )  # fmt: skip
+        return True
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (in the writer thread) each time lines were written or dropped (`lines_settled` grew)."""
+        self._listeners.append(callback)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every record queued before the call has been written or has failed."""
@@ -107,12 +161,15 @@ class JsonlWriter:
 
     def _run(self) -> None:
         while True:
-            self._wakeup.wait()
+            # While writes fail, wake up for the next retry even if no record comes.
+            self._wakeup.wait(max(0.0, self._retry_at - time.monotonic()) if self._pending else None)
             if self._linger and not (self._stopping or self._flush_requests):
                 time.sleep(self._linger)
             self._wakeup.clear()
             # Flush requests first: every line queued before them is taken just below.
             answered = [self._flush_requests.popleft() for _ in range(len(self._flush_requests))]
+            if answered or self._stopping:
+                self._retry_at = 0.0  # a flush or a close tries a failing disk once more, now
             remaining = len(self._lines)
             # Bounded slices: between them the thread sits in write(), which releases the GIL,
             # so the event loop never waits long for it.
@@ -120,8 +177,9 @@ class JsonlWriter:
                 count = min(remaining, _BATCH_LINES)
                 self._take(count)
                 remaining -= count
-                self._flush()
-            if self._pending:
+                if self._due():
+                    self._flush()
+            if self._pending and self._due():
                 self._flush()  # lines kept from an earlier failed write
             for request in answered:
                 request.set()
@@ -132,39 +190,77 @@ class JsonlWriter:
         if self._pending:
             logger.error("interaction log %s: %d lines could not be written", self.path, len(self._pending))
 
+    def _due(self) -> bool:
+        return not self.failing or time.monotonic() >= self._retry_at
+
     def _take(self, count: int) -> None:
         lines = self._lines
         self._pending.extend([lines.popleft() for _ in range(count)])
         excess = len(self._pending) - self._max_pending
         if excess > 0:
             self.lines_dropped += excess
+            self._bytes_out += sum(len(line) for line in self._pending[:excess])
+            self._failed_counted = max(0, self._failed_counted - excess)
             del self._pending[:excess]
+            self._settled(excess)
 
     def _flush(self) -> None:
+        pending = self._pending
+        data = b"".join(pending)
+        self._kept = 0
         try:
-            self._append(b"".join(self._pending))
+            self._append(data)
         except OSError as exc:
             self._close_file()
             self._close_lock()
+            # The whole lines a short write got onto the disk stay there (see _write_all); the rest waits.
+            whole = data.count(b"\n", 0, self._kept)
+            if whole:
+                self._bytes_out += self._kept
+                self.lines_written += whole
+                self._failed_counted = max(0, self._failed_counted - whole)
+                del pending[:whole]
+            newly_failed = len(pending) - self._failed_counted
+            self._failed_counted = len(pending)
             if not self.failing:
-                logger.error("interaction log %s: write failed (%s); will retry with the next batch", self.path, exc)
+                logger.error(
+                    "interaction log %s: write failed (%s); retrying every %g s", self.path, exc, self._retry_seconds
+                )
             self.failing = True
             self.last_error = f"{type(exc).__name__}: {exc}"
+            self._retry_at = time.monotonic() + self._retry_seconds
             if self._on_batch is not None:
-                self._on_batch(0, len(self._pending))
+                self._on_batch(whole, newly_failed)
+            if whole:
+                self._settled(whole)
             return
         if self.failing:
             logger.warning("interaction log %s: writing again", self.path)
         self.failing = False
         self.last_error = None
-        self.lines_written += len(self._pending)
+        self.lines_written += len(pending)
+        self._bytes_out += len(data)
+        self._failed_counted = 0
         if self._on_batch is not None:
-            self._on_batch(len(self._pending), 0)
+            self._on_batch(len(pending), 0)
         self._pending = []
+        self._settled(len(pending))
+
+    def _settled(self, count: int) -> None:
+        self.lines_settled += count
+        for listener in self._listeners:
+            listener()
 
     def _append(self, data: bytes) -> None:
+        # Always under a lock, rotating or not: a short write is cut back by offset (see _write_all),
+        # which is only safe while no other writer appends. Without rotation the file's own lock does.
         if self._max_bytes is None:
-            self._write_all(self._file(), data)
+            fd = self._file()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                self._write_all(fd, data, os.fstat(fd).st_size)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
             return
         lock = self._lock()
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -174,7 +270,8 @@ class JsonlWriter:
             if size and size + len(data) > self._max_bytes:
                 self._rotate()
                 fd = self._file()
-            self._write_all(fd, data)
+                size = os.fstat(fd).st_size
+            self._write_all(fd, data, size)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -189,8 +286,12 @@ class JsonlWriter:
 
     def _lock(self) -> int:
         if self._lock_fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.path.with_name(f"{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            lock = self.path.with_name(f"{self.path.name}.lock")
+            try:
+                self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            except FileNotFoundError:  # the folder is not there yet (a file in its place fails on open, as it should)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         return self._lock_fd
 
     def _close_lock(self) -> None:
@@ -198,14 +299,29 @@ class JsonlWriter:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    @staticmethod
-    def _write_all(fd: int, data: bytes) -> None:
+    def _write_all(self, fd: int, data: bytes, start: int) -> None:
+        """Write `data` at the end of the file (which is `start` bytes long); on failure, leave only whole lines.
+
+        A full disk takes part of a write and refuses the rest: the file is cut back to the last whole
+        line written (`self._kept` bytes of `data`), so no fragment is left for the next batch to follow.
+        """
         view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            if written == 0:
-                raise OSError(errno.EIO, "write() wrote nothing")
-            view = view[written:]
+        done = 0
+        try:
+            while done < len(data):
+                written = os.write(fd, view[done:])
+                if written == 0:
+                    raise OSError(errno.EIO, "write() wrote nothing")
+                done += written
+        except OSError:
+            if done:
+                kept = data.rfind(b"\n", 0, done) + 1
+                try:
+                    os.ftruncate(fd, start + kept)
+                except OSError as exc:  # the torn line is ended when the file is next opened
+                    logger.error("interaction log %s: cannot cut back a partial write (%s)", self.path, exc)
+                self._kept = kept
+            raise
 
     def _file(self) -> int:
         """The open descriptor, reopened when the file was rotated or deleted since the last batch."""

@@ -6,7 +6,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.auth import key_id_of
+from app.auth import is_admin, key_id_of
 from app.config import Settings
 from app.core import GenerationService, Queued
 from app.errors import InvalidRequest, PayloadTooLarge
@@ -31,8 +31,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 ERRORS[429] = {
     "model": ErrorBody,
-    "description": "busy: MiniVault's queue (MINIVAULT_MAX_QUEUE) or Ollama's is full; rate_limited: the API key "
-    "sent more than MINIVAULT_RATE_LIMIT prompts in the last minute",
+    "description": "busy: MiniVault's queue (MINIVAULT_MAX_QUEUE) or Ollama's is full; queue_share_exceeded: the "
+    "API key holds its share of the queue (MINIVAULT_MAX_QUEUE_PER_KEY); rate_limited: the API key "
+    "sent more than MINIVAULT_RATE_LIMIT prompts (refused ones included) in the last minute",
     "headers": {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}},
 }
 _SSE_DOC = sse_doc(
@@ -72,10 +73,11 @@ async def generate(request: Request) -> Response:
         body = await request.body()
         generate_request = parse_generate_request(body, settings.max_prompt_chars)
     except (InvalidRequest, PayloadTooLarge) as exc:
-        service.reject(request_id, "rest", client, key_id, exc, prompt=_prompt_of(body))
-        raise
+        # Counted against the key's rate limit like a prompt: over it, the answer is the (cheaper) 429.
+        raise await service.refuse(request_id, "rest", client, key_id, exc, prompt=_prompt_of(body)) from None
     exchange = service.exchange(request_id, "sse" if generate_request.stream else "rest", client, key_id,
                                 generate_request)  # fmt: skip
+    exchange.admin = is_admin(request)  # may continue any key's conversation
     if generate_request.stream:
         return await open_event_stream(
             request.receive,

@@ -2,6 +2,8 @@
 
 import asyncio
 import logging
+import time
+from collections import deque
 from contextlib import aclosing
 from typing import Any
 
@@ -10,9 +12,9 @@ import orjson
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from app.auth import key_id_of
+from app.auth import is_admin, key_id_of
 from app.core import Exchange, GenerationService
-from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge
+from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge, TooManyInvalidFrames
 from app.request_id import acceptable_request_id, client_of, new_request_id
 from app.responses import ws_error_frame
 from app.schemas import parse_generate_request
@@ -40,6 +42,8 @@ set websocket headers) or either header.
 The OpenAI-compatible API is under `/v1`, the Ollama-compatible one under `/api`; the chat page is at `/`.
 """
 
+# MINIVAULT_WS_MAX_INVALID_FRAMES counts the invalid frames within this many seconds.
+INVALID_WINDOW = 10.0
 _BUSY = 'a generation is already running on this connection: wait for its "done" frame or send {"type": "cancel"}'
 
 
@@ -54,8 +58,13 @@ class _Session:
         self.max_bytes: int = state.settings.max_body_bytes
         self.client = client_of(websocket)
         self.key_id = key_id_of(websocket)
+        self.admin = is_admin(websocket)  # may continue any key's conversation
         self.task: asyncio.Task[None] | None = None
         self.scope: anyio.CancelScope | None = None
+        self.max_invalid: int = state.settings.ws_max_invalid_frames
+        # When the latest invalid frames came (time.monotonic()): one more than the limit within the window closes.
+        self.invalid: deque[float] = deque(maxlen=self.max_invalid + 1)
+        self.closed = False
 
     async def send(self, frame: dict[str, Any]) -> None:
         if self.websocket.application_state is WebSocketState.CONNECTED:
@@ -74,6 +83,8 @@ class _Session:
                     await self.refuse_oversized(size)
                     return
                 await self.handle(raw)
+                if self.closed:
+                    return
         finally:
             if self.task is not None and not self.task.done():
                 # The client left: stop the upstream at once; the exchange logs itself as cancelled.
@@ -100,7 +111,7 @@ class _Session:
                 self.scope.cancel()
             return
         if kind != "generate":
-            shown = orjson.dumps(kind).decode()
+            shown = orjson.dumps(kind).decode()[:100]  # the type is the client's: its echo (and log) stays short
             await self.reject(
                 request_id, InvalidRequest(f'type: unknown frame type {shown}; use "generate" or "cancel"'), payload
             )
@@ -114,6 +125,7 @@ class _Session:
             await self.reject(request_id, exc, payload)
             return
         exchange = self.service.exchange(request_id, "ws", self.client, self.key_id, request)
+        exchange.admin = self.admin
         self.scope = anyio.CancelScope()
         self.task = asyncio.create_task(self.generate(exchange, self.scope))
 
@@ -146,12 +158,43 @@ class _Session:
             f"the message is {size} bytes; the limit is {self.max_bytes} (MINIVAULT_MAX_BODY_BYTES)"
         )
         request_id = new_request_id()
-        self.service.reject(request_id, "ws", self.client, self.key_id, error)
-        await self.send_error(error, request_id)
+        answer = await self.service.refuse(request_id, "ws", self.client, self.key_id, error)
+        await self.send_error(answer, request_id)
+        if answer is not error:  # over the rate limit: the socket closes all the same, as too big a message does
+            await self.close(error)
 
     async def reject(self, request_id: str, error: InvalidRequest, payload: dict[str, Any] | None = None) -> None:
-        self.service.reject(request_id, "ws", self.client, self.key_id, error, prompt=(payload or {}).get("prompt"))
-        await self.send_error(error, request_id)
+        """Refuse one invalid frame; past MINIVAULT_WS_MAX_INVALID_FRAMES within INVALID_WINDOW, close the socket."""
+        prompt = (payload or {}).get("prompt")
+        now = time.monotonic()
+        invalid = self.invalid
+        invalid.append(now)
+        if len(invalid) > self.max_invalid and now - invalid[0] < INVALID_WINDOW:
+            # One record and one line for the close, however fast the frames came: a flood of them once
+            # wrote 200,000 log lines in 10 s and slowed every other client.
+            closing = TooManyInvalidFrames(
+                f"more than {self.max_invalid} invalid frames within {INVALID_WINDOW:g} s "
+                f"(MINIVAULT_WS_MAX_INVALID_FRAMES={self.max_invalid}); closing the connection: fix the frames "
+                f"and reconnect"
+            )
+            logger.warning(
+                "websocket from %s closed (1008): more than %d invalid frames within %g s, the last: %s",
+                self.client, self.max_invalid, INVALID_WINDOW, error.message[:200],
+            )  # fmt: skip
+            self.service.reject(request_id, "ws", self.client, self.key_id, closing, prompt=prompt)
+            await self.close(closing, request_id)
+            return
+        answer = await self.service.refuse(request_id, "ws", self.client, self.key_id, error, prompt=prompt)
+        await self.send_error(answer, request_id)
+
+    async def close(self, error: MiniVaultError, request_id: str | None = None) -> None:
+        """End the connection: the error frame (unless sent already) and the close code `error` names."""
+        self.closed = True
+        if self.websocket.application_state is not WebSocketState.CONNECTED:
+            return
+        if request_id is not None:
+            await self.websocket.send_text(ws_error_frame(error, request_id))
+        await self.websocket.close(error.ws_close or 1008, error.code)
 
 
 @router.websocket("/ws/generate")
