@@ -1,4 +1,8 @@
-"""GET /history (search and filter every exchange), GET /history/{id}, GET /history/stats."""
+"""GET /history (search and filter every exchange), GET /history/{id}, GET /history/stats.
+
+With keys set, an ordinary key sees only the exchanges it made (by key_id), as if no other existed;
+an admin key (MINIVAULT_ADMIN_KEYS), or anyone when auth is off, sees them all.
+"""
 
 import re
 from datetime import UTC, date, datetime, time
@@ -7,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from app.auth import is_admin, key_id_of
 from app.errors import NotFound
 from app.responses import OrjsonResponse
 from app.routes.generate import ERRORS
@@ -27,6 +32,16 @@ _RECORD_EXAMPLE = {
 _ERRORS = {
     401: ERRORS[401],
     422: {"model": ErrorBody, "description": "invalid_request: a parameter is not valid (the message names it)"},
+}
+_SEARCH_ERRORS = {
+    401: ERRORS[401],
+    422: {
+        "model": ErrorBody,
+        "description": "invalid_request: a parameter is not valid (the message names it), or `q` has more words "
+        "than MINIVAULT_HISTORY_MAX_TERMS (16 by default) or a prefix shorter than MINIVAULT_HISTORY_MIN_PREFIX "
+        "(3 characters before the `*`); query_too_expensive: the search ran past MINIVAULT_HISTORY_QUERY_SECONDS "
+        "(1 s by default) and was stopped: narrow it (fewer words, longer prefixes, a `model` or `since` filter)",
+    },
 }
 
 
@@ -113,7 +128,13 @@ def _store(request: Request) -> HistoryStore:
     return request.app.state.history
 
 
-@router.get("", response_model=HistoryPageOut, responses=_ERRORS)
+def _visible_to(request: Request) -> str | None:
+    """The key_id whose exchanges the caller sees: its own for an ordinary key; None (all) for an admin key or
+    with auth off."""
+    return None if is_admin(request) else key_id_of(request)
+
+
+@router.get("", response_model=HistoryPageOut, responses=_SEARCH_ERRORS)
 async def history(
     request: Request,
     q: Annotated[
@@ -122,7 +143,9 @@ async def history(
             max_length=1000,
             description="Words that must all appear in the prompt or the answer; `pre*` matches words starting "
             'with `pre`; "two words" in double quotes match as a phrase. Best match first (more matches, in a '
-            f"shorter exchange), among the newest {RANK_WINDOW:,} matches, then the next {RANK_WINDOW:,}, and so on.",
+            f"shorter exchange), among the newest {RANK_WINDOW:,} matches, then the next {RANK_WINDOW:,}, and so on. "
+            "At most MINIVAULT_HISTORY_MAX_TERMS words (16), each prefix at least MINIVAULT_HISTORY_MIN_PREFIX "
+            "characters (3) before its `*`; a search is stopped after MINIVAULT_HISTORY_QUERY_SECONDS (1 s).",
             examples=["gravity", "photo*", '"black hole" mass'],
             json_schema_extra={"pattern": PAIRED_QUOTES},
         ),
@@ -137,27 +160,32 @@ async def history(
         str | None, Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page, as it came.")
     ] = None,
 ) -> OrjsonResponse:
-    """Every exchange, newest first, or the ones matching `q` best first; filters combine.
+    """Every exchange (an ordinary key: every one it made), newest first, or the ones matching `q` best first;
+    filters combine.
 
     Pages never repeat or skip an exchange, even while new ones arrive: those join the first page of a
     new search, not the pages of this one.
     """
     query = HistoryQuery(q=q, model=model, status=status, endpoint=endpoint, since=_moment(since),
-                         until=_moment(until), limit=limit, cursor=cursor)  # fmt: skip
+                         until=_moment(until), limit=limit, cursor=cursor, key_id=_visible_to(request))  # fmt: skip
     page = await _store(request).search(query)
     return OrjsonResponse({"items": page.items, "next_cursor": page.next_cursor})
 
 
 @router.get("/stats", response_model=StatsOut, responses=_ERRORS)
 async def history_stats(request: Request, since: Since = None, until: Until = None) -> OrjsonResponse:
-    """Per UTC day and model: exchanges by outcome, token sums and latency percentiles."""
-    return OrjsonResponse({"days": await _store(request).stats(_moment(since), _moment(until))})
+    """Per UTC day and model: exchanges by outcome, token sums and latency percentiles (an ordinary key: of its own)."""
+    days = await _store(request).stats(_moment(since), _moment(until), key_id=_visible_to(request))
+    return OrjsonResponse({"days": days})
 
 
 @router.get(
     "/{exchange_id}",
     response_model=ExchangeRecord,
-    responses={401: ERRORS[401], 404: {"model": ErrorBody, "description": "not_found: no exchange with that id"}},
+    responses={
+        401: ERRORS[401],
+        404: {"model": ErrorBody, "description": "not_found: no exchange with that id (that this key made)"},
+    },
 )
 async def history_exchange(
     request: Request,
@@ -165,8 +193,8 @@ async def history_exchange(
         str, Path(description="The exchange's id (its X-Request-ID).", examples=["5f0c3f7e2b9d4c3e8a1b2c3d4e5f6a7b"])
     ],
 ) -> OrjsonResponse:
-    """One exchange, as the log recorded it (the latest, if a client reused the id)."""
-    record = await _store(request).get(exchange_id)
-    if record is None:
+    """One exchange, as the log recorded it (the latest, if a client reused the id); another key's is not found."""
+    record = await _store(request).get(exchange_id, key_id=_visible_to(request))
+    if record is None:  # the same answer whether it does not exist or is another key's
         raise NotFound(f"no exchange with id {exchange_id!r} in the history; GET /history lists them")
     return OrjsonResponse(record)

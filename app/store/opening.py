@@ -5,7 +5,7 @@ from contextlib import AsyncExitStack
 from app.config import Settings
 from app.store.base import ConversationStore, HistoryStore
 from app.store.sqlite_conversations import SqliteConversations
-from app.store.sqlite_history import SqliteHistory
+from app.store.sqlite_history import SearchBudget, SqliteHistory
 
 
 async def open_stores(settings: Settings, stack: AsyncExitStack) -> tuple[HistoryStore, ConversationStore | None]:
@@ -15,7 +15,9 @@ async def open_stores(settings: Settings, stack: AsyncExitStack) -> tuple[Histor
 
         history, conversations = await open_pg_stores(settings, stack)
         return history, conversations if settings.log_prompts else None
-    sqlite_history = SqliteHistory(settings.db_path, keep_text=settings.log_prompts)
+    # The store owns its reader threads (MINIVAULT_HISTORY_READERS) and shuts them down when it closes.
+    sqlite_history = SqliteHistory(settings.db_path, keep_text=settings.log_prompts,
+                                   readers=settings.history_readers, budget=SearchBudget.of(settings))  # fmt: skip
     sqlite_history.start()
     stack.push_async_callback(sqlite_history.aclose)
     if not settings.log_prompts:

@@ -6,6 +6,7 @@ from app.config import Settings
 from app.store.pg_conversations import PgConversations
 from app.store.pg_history import PgHistory
 from app.store.pg_schema import PgUnavailable
+from app.store.sqlite_history import SearchBudget
 
 __all__ = ["PgConversations", "PgHistory", "PgUnavailable", "open_pg_stores"]
 
@@ -20,7 +21,8 @@ async def open_pg_stores(settings: Settings, stack: AsyncExitStack) -> tuple[PgH
     if settings.database_url is None:
         raise ValueError("open_pg_stores needs MINIVAULT_DATABASE_URL")
     url = settings.database_url.get_secret_value()
-    history = PgHistory(url, keep_text=settings.log_prompts)
+    history = PgHistory(url, keep_text=settings.log_prompts, readers=settings.history_readers,
+                        budget=SearchBudget.of(settings))  # fmt: skip
     stack.push_async_callback(history.aclose)  # before open(): it also closes what a failed open() left
     await history.open()
     conversations = PgConversations(url, lock_connections=settings.max_concurrency + settings.max_queue)

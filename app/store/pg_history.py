@@ -4,7 +4,9 @@ Writes never touch the event loop: `consume` only queues the row, and one writer
 gathered (for up to `linger` seconds) with one statement per batch. Each batch takes the table's SHARE ROW
 EXCLUSIVE lock first, so the batches of all replicas commit one after another and `seq` grows in commit
 order: a cursor pinned to `seq <= snapshot` then holds exactly the exchanges there when its first page was
-read, on whichever replica serves the next page. Reads take connections from an asyncio pool.
+read, on whichever replica serves the next page. Reads take connections from an asyncio pool of
+MINIVAULT_HISTORY_READERS connections (searches queue there, apart from the conversations' pool), and a
+search runs in a transaction whose `statement_timeout` is what is left of MINIVAULT_HISTORY_QUERY_SECONDS.
 
 Search: a generated `tsvector` column (text search configuration `minivault_text`: `simple` words,
 accents folded by `unaccent`) under a GIN index, ranked by ts_rank, which like SQLite's score depends on
@@ -14,21 +16,30 @@ the exchange alone. Stats are computed from the exchanges, with exact nearest-ra
 import asyncio
 import logging
 import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import psycopg
-from psycopg.errors import ProgramLimitExceeded
+from psycopg.errors import ProgramLimitExceeded, QueryCanceled
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from app.errors import InvalidRequest
 from app.schemas import ExchangeRecord, LoggedError
 from app.store import sqlite_history
 from app.store.base import HistoryPage, HistoryQuery
 from app.store.batch_writer import BatchWriter
 from app.store.pg_schema import TEXT_CONFIG, PgUnavailable, connect, describe, migrate
-from app.store.sqlite_history import PERCENTILES, decode_cursor, encode_cursor, epoch_ms, row_of
+from app.store.sqlite_history import (
+    PERCENTILES,
+    SearchBudget,
+    decode_cursor,
+    encode_cursor,
+    epoch_ms,
+    row_of,
+    search_terms,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +90,17 @@ class PgHistory(BatchWriter):
         *,
         linger: float = 0.1,
         max_pending: int = 100_000,
-        readers: int = 4,
+        readers: int = 2,
         connect_timeout: float = 10.0,
+        budget: SearchBudget | None = None,
     ) -> None:
         self.conninfo = conninfo
         super().__init__(describe(conninfo), keep_text, linger, max_pending, "minivault-pg-history-writer")
         self._readers_max = readers
+        self.budget = budget or SearchBudget()
+        # A read that first waits for this replica's unwritten records waits in the history's own threads,
+        # not in the default pool that conversations share.
+        self._executor = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="minivault-pg-history-reader")
         self._connect_timeout = connect_timeout
         self._db: psycopg.Connection | None = None
         self._readers: AsyncConnectionPool | None = None
@@ -118,6 +134,7 @@ class PgHistory(BatchWriter):
 
     def close(self) -> None:
         """Write everything queued, stop the writer thread and close its connection (blocking)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)  # reads waiting for the writer end first
         self._stop_writer()
         with self._write_lock:
             if self._db is not None:
@@ -179,25 +196,39 @@ class PgHistory(BatchWriter):
     # -- reading -----------------------------------------------------------------------------------------
 
     async def search(self, query: HistoryQuery) -> HistoryPage:
-        terms = text_query(query.q) if query.q is not None else None
+        """A page of `query`; InvalidRequest when `q` is over the budget's words or prefixes, QueryTooExpensive
+        when the search runs past its seconds (PostgreSQL cancels it: statement_timeout)."""
+        terms = text_query(query.q, self.budget) if query.q is not None else None
         cursor = decode_cursor(query.cursor) if query.cursor else None
         await self._read_own_writes()
-        async with self._pool().connection() as db:
-            if terms is None:
-                return await _listing(db, query, cursor)
-            return await _ranked(db, terms, query, cursor)
+        try:
+            async with self._pool().connection() as db, db.transaction():
+                # The deadline starts once a connection is ours (not while the search queued for one).
+                deadline = _Deadline(self.budget.seconds)
+                await deadline.limit(db)
+                if terms is None:
+                    return await _listing(db, query, cursor)
+                return await _ranked(db, terms, query, cursor, deadline)
+        except QueryCanceled:
+            raise self.budget.too_expensive() from None
 
-    async def get(self, exchange_id: str) -> ExchangeRecord | None:
+    async def get(self, exchange_id: str, key_id: str | None = None) -> ExchangeRecord | None:
         await self._read_own_writes()
+        owned, mine = (" AND e.key_id = %s", (key_id,)) if key_id is not None else ("", ())
         async with self._pool().connection() as db:
-            sql = f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE e.id = %s ORDER BY e.seq DESC LIMIT 1"
-            row = await (await db.execute(sql, (exchange_id.replace("\x00", "\ufffd"),))).fetchone()
+            sql = f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE e.id = %s{owned} ORDER BY e.seq DESC LIMIT 1"
+            row = await (await db.execute(sql, (exchange_id.replace("\x00", "\ufffd"), *mine))).fetchone()
         return _record(row) if row is not None else None
 
-    async def stats(self, since: datetime | None = None, until: datetime | None = None) -> list[dict[str, Any]]:
+    async def stats(
+        self, since: datetime | None = None, until: datetime | None = None, key_id: str | None = None
+    ) -> list[dict[str, Any]]:
         """Per UTC day and model, oldest day first; percentiles are exact nearest-rank values (percentile_disc)."""
         await self._read_own_writes()
         where, params = ["day IS NOT NULL"], []
+        if key_id is not None:
+            where.append("key_id = %s")
+            params.append(key_id)
         if since is not None:
             where.append("ts >= %s")
             params.append(_ts_bound(since))
@@ -231,7 +262,23 @@ class PgHistory(BatchWriter):
     async def _read_own_writes(self) -> None:
         # What this replica has consumed is written first, so an answer just given is in the history.
         if self._records or self._pending:
-            await asyncio.to_thread(self.flush, _READ_FLUSH_TIMEOUT)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.flush, _READ_FLUSH_TIMEOUT)
+
+
+class _Deadline:
+    """MINIVAULT_HISTORY_QUERY_SECONDS over the statements of one search, given to PostgreSQL as the
+    transaction's statement_timeout: what is left of it before each long statement."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    async def limit(self, db: psycopg.AsyncConnection) -> None:
+        """Set the next statements' timeout to the time left; QueryCanceled when none is."""
+        left_ms = math.ceil((self.at - time.monotonic()) * 1000)
+        if left_ms <= 0:
+            raise QueryCanceled("the search's time is up")
+        # set_config(..., true) is SET LOCAL: it ends with the transaction, so the pool's connection is clean.
+        await db.execute("SELECT set_config('statement_timeout', %s, true)", (f"{left_ms}ms",))
 
 
 # -- rows ----------------------------------------------------------------------------------------------------
@@ -289,35 +336,14 @@ def _percentiles(values: list[float | None] | None) -> dict[str, float] | None:
 # -- queries -------------------------------------------------------------------------------------------------
 
 
-def text_query(q: str) -> list[tuple[str, bool]] | None:
-    """The user's words as (text, prefix) terms, with SQLite's rules (`fts_query`): every word must appear,
-    `pre*` matches words starting with `pre`, "two words" in double quotes must appear together, in order.
+def text_query(q: str, budget: SearchBudget | None = None) -> list[tuple[str, bool]] | None:
+    """The user's words as (text, prefix) terms, with SQLite's rules and budget (`search_terms`): every word
+    must appear, `pre*` matches words starting with `pre`, "two words" in double quotes must appear together.
 
     Each term becomes a phraseto_tsquery (a prefix: to_tsquery with `:*` on its last word), so no input is
     a tsquery syntax error; an unpaired double quote is a 422. None when `q` holds no word (no search).
     """
-    q = q.replace("\x00", " ")
-    if q.count('"') % 2:
-        raise InvalidRequest(
-            'q: has an unpaired double quote; a phrase goes between two quotes, like "black hole" (or leave quotes out)'
-        )
-    terms: list[tuple[str, bool]] = []
-    phrase = False  # the segment before was a phrase
-    for index, segment in enumerate(q.split('"')):
-        if index % 2:  # between quotes: one phrase, a prefix when a `*` follows the closing quote
-            phrase = bool(segment.strip())
-            if phrase:
-                terms.append((segment, False))
-            continue
-        if phrase and segment.startswith("*"):
-            terms[-1] = (terms[-1][0], True)
-            segment = segment[1:]
-        for word in segment.split():
-            prefix = word.endswith("*")
-            word = word.rstrip("*")
-            if word:
-                terms.append((word, prefix))
-    return terms or None
+    return search_terms(q, budget) or None
 
 
 def _tsquery_sql(terms: list[tuple[str, bool]]) -> tuple[str, list[str]]:
@@ -338,7 +364,8 @@ def _tsquery_sql(terms: list[tuple[str, bool]]) -> tuple[str, list[str]]:
 def _filters(query: HistoryQuery) -> tuple[list[str], list[Any]]:
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("model", query.model), ("status", query.status), ("endpoint", query.endpoint)):
+    for column, value in (("model", query.model), ("status", query.status), ("endpoint", query.endpoint),
+                          ("key_id", query.key_id)):  # fmt: skip
         if value is not None:
             where.append(f"e.{column} = %s")
             params.append(value)
@@ -380,7 +407,7 @@ async def _listing(db: psycopg.AsyncConnection, query: HistoryQuery, cursor: tup
 
 
 async def _ranked(db: psycopg.AsyncConnection, terms: list[tuple[str, bool]], query: HistoryQuery,
-                  cursor: tuple[int, float, int] | None) -> HistoryPage:  # fmt: skip
+                  cursor: tuple[int, float, int] | None, deadline: _Deadline) -> HistoryPage:  # fmt: skip
     """Best match first within windows of RANK_WINDOW matches, newest window first (SQLite's `_ranked`).
 
     The score depends on the exchange alone, so a page computed later orders the same exchanges the
@@ -408,7 +435,11 @@ async def _ranked(db: psycopg.AsyncConnection, terms: list[tuple[str, bool]], qu
     )
     limit = query.limit
     chosen: list[tuple[int, float, int]] = []  # (seq, score, top of its window)
+    first = True
     while len(chosen) <= limit and top > 0:
+        if not first:  # the first window runs under the timeout `search` set
+            await deadline.limit(db)
+        first = False
         window = RANK_WINDOW
         rows = await (await db.execute(
             window_sql, (tsquery, tsquery, top, *filter_params, window, *after, limit + 1 - len(chosen))

@@ -2,14 +2,17 @@
 
 Writes never touch the event loop: `consume` only queues the row, and one writer thread inserts what
 has gathered (for up to `linger` seconds) in one transaction; the full-text index and the per-day
-tables are updated by one statement each per batch, which keeps FTS5 fast. Reads run in worker
-threads, each on a connection of its own; WAL mode lets them read while the writer writes, in this
-process or another worker's.
+tables are updated by one statement each per batch, which keeps FTS5 fast. Reads run in the store's
+own few threads (MINIVAULT_HISTORY_READERS), each on a connection of its own, so that expensive searches
+queue behind each other and never take the threads conversations and the rest of the app run on; WAL
+mode lets them read while the writer writes, in this process or another worker's. A search is stopped
+past MINIVAULT_HISTORY_QUERY_SECONDS (a progress handler interrupts SQLite), and `q` is bounded in words
+and prefix length before it reaches FTS5 (`SearchBudget`).
 
 Listing is newest first (start time, then id) and searching best match first (`_ranked`); a cursor
 pins the page to the exchanges there when page one was read, so pages never repeat or skip one.
-Per-day counts, token sums and latency buckets are kept as rows arrive, so stats never scan exchanges
-(except the partial days at the ends of since..until).
+Per-day counts, token sums and latency buckets are kept per day, model and key as rows arrive, so stats
+never scan exchanges (except the partial days at the ends of since..until), for one key or all of them.
 
 `logs/log.jsonl` stays the source of truth: `minivault logs reindex` refills this database from it
 through `add_many`, which works without the writer thread and skips exchanges already there.
@@ -26,27 +29,36 @@ import re
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import chain
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, QueryTooExpensive
 from app.schemas import ExchangeRecord, LoggedError
 from app.store.base import HistoryPage, HistoryQuery
 from app.store.batch_writer import BatchWriter
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Schema 1 was a development version (commit 7560f2c): its tables are dropped and made again, and
 # `minivault logs reindex` refills them from the log.
 _DROP_V1 = [f"DROP TABLE IF EXISTS {table}" for table in ("exchanges_text", "exchange_days", "exchanges")]
+# Schema 2 summed days per model only; schema 3 per model and key (an ordinary key's stats are its own):
+# the two summary tables are made again and refilled from the exchanges (`_COUNT_DAYS` from seq 0).
+_DROP_V2 = ["DROP TABLE IF EXISTS exchange_days", "DROP TABLE IF EXISTS exchange_latencies"]
 # Plain statements (no executescript: it would commit the migration's transaction half-way).
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS exchanges (
@@ -84,6 +96,9 @@ _SCHEMA = [
     "CREATE UNIQUE INDEX IF NOT EXISTS exchanges_by_start ON exchanges (ts, id)",
     "CREATE INDEX IF NOT EXISTS exchanges_by_model ON exchanges (model, ts)",
     "CREATE INDEX IF NOT EXISTS exchanges_by_status ON exchanges (status, ts)",
+    # An ordinary key's listing, newest first (key_id = ? ORDER BY ts DESC, id DESC walks it), and the partial
+    # days of its stats. Each key's start times grow, so inserts land at the end of a few ranges.
+    "CREATE INDEX IF NOT EXISTS exchanges_by_key ON exchanges (key_id, ts, id)",
     # External content: the texts live once, in `exchanges`; the index holds only the words (and no
     # per-row sizes: those serve bm25, which the ranking does not use, see `_score`). It indexes the
     # id too, for GET /history/{id}: ids are random, and a B-tree index on them would take a page write per
@@ -95,26 +110,29 @@ _SCHEMA = [
     # Up to 8 segments per level before FTS5 merges them (4 by default): a third less indexing work per
     # exchange, for a little more reading per search.
     "INSERT INTO exchanges_text (exchanges_text, rank) VALUES ('automerge', 8)",
-    # One row per UTC day and model ('' for none), kept up to date by every insert: /history/stats reads these.
+    # One row per UTC day, model and key ('' for none), kept up to date by every insert: /history/stats reads
+    # these (summed over keys for an admin key; key_id last, so that sum reads them in (day, model) order).
     """CREATE TABLE IF NOT EXISTS exchange_days (
         day TEXT NOT NULL,
         model TEXT NOT NULL,
+        key_id TEXT NOT NULL,
         count INTEGER NOT NULL,
         ok INTEGER NOT NULL,
         error INTEGER NOT NULL,
         cancelled INTEGER NOT NULL,
         prompt_tokens INTEGER NOT NULL,
         completion_tokens INTEGER NOT NULL,
-        PRIMARY KEY (day, model)
+        PRIMARY KEY (day, model, key_id)
     ) WITHOUT ROWID""",
-    # Latencies per day and model in 2% wide buckets (bucket b holds 1.02**b <= ms < 1.02**(b+1)): the
+    # Latencies per day, model and key in 2% wide buckets (bucket b holds 1.02**b <= ms < 1.02**(b+1)): the
     # percentiles of any number of exchanges from a few hundred rows, within 1%.
     """CREATE TABLE IF NOT EXISTS exchange_latencies (
         day TEXT NOT NULL,
         model TEXT NOT NULL,
         bucket INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
         count INTEGER NOT NULL,
-        PRIMARY KEY (day, model, bucket)
+        PRIMARY KEY (day, model, bucket, key_id)
     ) WITHOUT ROWID""",
 ]
 _COLUMNS = (
@@ -136,20 +154,23 @@ _INDEX_TEXT = (
     "FROM exchanges NOT INDEXED WHERE seq > ?"
 )
 _COUNT_DAYS = """
-    INSERT INTO exchange_days
-    SELECT day, COALESCE(model, ''), count(*), count(status = 'ok' OR NULL), count(status = 'error' OR NULL),
-           count(status = 'cancelled' OR NULL), COALESCE(sum(prompt_tokens), 0), COALESCE(sum(completion_tokens), 0)
-    FROM exchanges NOT INDEXED WHERE seq > ? AND day IS NOT NULL GROUP BY day, COALESCE(model, '')
-    ON CONFLICT (day, model) DO UPDATE SET
+    INSERT INTO exchange_days (day, model, key_id, count, ok, error, cancelled, prompt_tokens, completion_tokens)
+    SELECT day, COALESCE(model, ''), COALESCE(key_id, ''), count(*), count(status = 'ok' OR NULL),
+           count(status = 'error' OR NULL), count(status = 'cancelled' OR NULL), COALESCE(sum(prompt_tokens), 0),
+           COALESCE(sum(completion_tokens), 0)
+    FROM exchanges NOT INDEXED WHERE seq > ? AND day IS NOT NULL
+    GROUP BY day, COALESCE(model, ''), COALESCE(key_id, '')
+    ON CONFLICT (day, model, key_id) DO UPDATE SET
         count = count + excluded.count, ok = ok + excluded.ok, error = error + excluded.error,
         cancelled = cancelled + excluded.cancelled, prompt_tokens = prompt_tokens + excluded.prompt_tokens,
         completion_tokens = completion_tokens + excluded.completion_tokens
 """
 _COUNT_LATENCIES = """
-    INSERT INTO exchange_latencies
-    SELECT day, COALESCE(model, ''), latency_bucket, count(*) FROM exchanges NOT INDEXED
-    WHERE seq > ? AND day IS NOT NULL AND latency_bucket IS NOT NULL GROUP BY day, COALESCE(model, ''), latency_bucket
-    ON CONFLICT (day, model, bucket) DO UPDATE SET count = count + excluded.count
+    INSERT INTO exchange_latencies (day, model, bucket, key_id, count)
+    SELECT day, COALESCE(model, ''), latency_bucket, COALESCE(key_id, ''), count(*) FROM exchanges NOT INDEXED
+    WHERE seq > ? AND day IS NOT NULL AND latency_bucket IS NOT NULL
+    GROUP BY day, COALESCE(model, ''), latency_bucket, COALESCE(key_id, '')
+    ON CONFLICT (day, model, bucket, key_id) DO UPDATE SET count = count + excluded.count
 """
 _RECORD_COLUMNS = (
     "e.seq, e.id, e.ts, e.endpoint, e.client, e.key_id, e.conversation_id, e.backend, e.model, e.prompt, e.system, "
@@ -174,6 +195,44 @@ _SMALLEST_MS = 0.001
 _WORD = re.compile(r"[^\W_]")  # a character FTS5's tokenizer keeps
 RANK_WINDOW = 5000  # with `q`, matches ranked together (newest first)
 _K1, _B, _TYPICAL_CHARS = 1.2, 0.75, 1000.0
+_TOKEN = re.compile(r"[^\W_]+")  # a word as FTS5's tokenizer cuts it (at punctuation too: "foo.ab" is two)
+# SQLite calls the deadline's check every this many virtual-machine steps: about every 20 ms of the worst
+# searches (FTS5's prefix merges are long steps), and a negligible cost (microseconds) for ordinary ones.
+_PROGRESS_STEPS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SearchBudget:
+    """What one history search may cost (MINIVAULT_HISTORY_MAX_TERMS, _MIN_PREFIX, _QUERY_SECONDS)."""
+
+    max_terms: int = 16
+    min_prefix: int = 3
+    seconds: float = 1.0
+
+    @classmethod
+    def of(cls, settings: "Settings") -> "SearchBudget":
+        return cls(settings.history_max_terms, settings.history_min_prefix, settings.history_query_seconds)
+
+    def too_expensive(self) -> QueryTooExpensive:
+        """The error of a search stopped at the deadline."""
+        return QueryTooExpensive(
+            f"q: the search ran past {self.seconds:g} s (MINIVAULT_HISTORY_QUERY_SECONDS) and was stopped; narrow it: "
+            "fewer words, longer prefixes, or a `model`, `status`, `since` or `until` filter"
+        )
+
+
+class _Deadline:
+    """SQLite's progress handler: non-zero past the deadline, which interrupts the statement."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self.passed = False
+
+    def __call__(self) -> int:
+        if time.monotonic() < self.at:
+            return 0
+        self.passed = True
+        return 1
 
 
 class HistoryUnavailable(Exception):
@@ -197,10 +256,16 @@ class SqliteHistory(BatchWriter):
         linger: float = 0.5,
         max_pending: int = 100_000,
         busy_timeout_ms: int = 10_000,
+        readers: int = 2,
+        budget: SearchBudget | None = None,
     ) -> None:
         self.path = Path(db_path)
         super().__init__(str(self.path), keep_text, linger, max_pending, "minivault-history-writer")
         self._busy_timeout_ms = busy_timeout_ms
+        self.budget = budget or SearchBudget()
+        # History reads' own threads: a burst of searches waits here, not in the default pool that
+        # conversations (and every other asyncio.to_thread) share.
+        self._executor = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="minivault-history-reader")
         self._closed = False
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
@@ -211,6 +276,7 @@ class SqliteHistory(BatchWriter):
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             self._db = self._connect()
         except (OSError, sqlite3.Error) as exc:
+            self._executor.shutdown()
             raise HistoryUnavailable(
                 f"cannot open the history database {self.path} ({exc}); set MINIVAULT_DB_PATH to a writable file"
             ) from exc
@@ -218,6 +284,7 @@ class SqliteHistory(BatchWriter):
             _migrate(self._db)
         except BaseException:
             self._db.close()
+            self._executor.shutdown()
             raise
 
     # -- writing ---------------------------------------------------------------------------------------
@@ -236,6 +303,9 @@ class SqliteHistory(BatchWriter):
 
     def close(self) -> None:
         """Blocking `aclose` (the reindex command calls this)."""
+        # Reads under way finish first (each within its budget; they may wait for the writer), queued ones are
+        # dropped; then the writer writes what is left and stops.
+        self._executor.shutdown(wait=True, cancel_futures=True)
         self._stop_writer()
         with self._readers_lock:
             self._closed = True
@@ -291,27 +361,50 @@ class SqliteHistory(BatchWriter):
     # -- reading ---------------------------------------------------------------------------------------
 
     async def search(self, query: HistoryQuery) -> HistoryPage:
-        match = fts_query(query.q) if query.q is not None else None
+        """A page of `query`; InvalidRequest when `q` is over the budget's words or prefixes, QueryTooExpensive
+        when the search runs past its seconds."""
+        match = fts_query(query.q, self.budget) if query.q is not None else None
         cursor = decode_cursor(query.cursor) if query.cursor else None
-        return await self._read(lambda db: _search(db, query, match, cursor))
+        budget = self.budget
 
-    async def get(self, exchange_id: str) -> ExchangeRecord | None:
+        def read(db: sqlite3.Connection) -> HistoryPage:
+            # The deadline starts when the search does: not while it queued for a reader thread, nor while
+            # this process's unwritten records were written (a busy writer is no reason to refuse a search).
+            deadline = _Deadline(budget.seconds)
+            db.set_progress_handler(deadline, _PROGRESS_STEPS)
+            try:
+                return _search(db, query, match, cursor)
+            except sqlite3.OperationalError:
+                if deadline.passed:
+                    raise budget.too_expensive() from None
+                raise
+            finally:
+                db.set_progress_handler(None, 0)
+
+        return await self._read(read)
+
+    async def get(self, exchange_id: str, key_id: str | None = None) -> ExchangeRecord | None:
+        owned = " AND e.key_id = ?" if key_id is not None else ""
+        mine = (key_id,) if key_id is not None else ()
+
         def read(db: sqlite3.Connection) -> ExchangeRecord | None:
             # The id as a phrase finds the candidates (FTS5 folds case and splits at punctuation); `=` picks it.
             if _WORD.search(exchange_id):
                 sql = (f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE e.seq IN (SELECT rowid FROM exchanges_text "
-                       "WHERE exchanges_text MATCH ?) AND e.id = ? ORDER BY e.seq DESC LIMIT 1")  # fmt: skip
+                       f"WHERE exchanges_text MATCH ?) AND e.id = ?{owned} ORDER BY e.seq DESC LIMIT 1")  # fmt: skip
                 phrase = exchange_id.replace('"', '""')
-                row = db.execute(sql, (f'id : "{phrase}"', exchange_id)).fetchone()
+                row = db.execute(sql, (f'id : "{phrase}"', exchange_id, *mine)).fetchone()
             else:  # an id of punctuation only has no words to look up: read the table through
-                sql = f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE e.id = ? ORDER BY e.seq DESC LIMIT 1"
-                row = db.execute(sql, (exchange_id,)).fetchone()
+                sql = f"SELECT {_RECORD_COLUMNS} FROM exchanges e WHERE e.id = ?{owned} ORDER BY e.seq DESC LIMIT 1"
+                row = db.execute(sql, (exchange_id, *mine)).fetchone()
             return _record(row) if row else None
 
         return await self._read(read)
 
-    async def stats(self, since: datetime | None = None, until: datetime | None = None) -> list[dict[str, Any]]:
-        return await self._read(lambda db: _stats(db, since, until))
+    async def stats(
+        self, since: datetime | None = None, until: datetime | None = None, key_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        return await self._read(lambda db: _stats(db, since, until, key_id))
 
     def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` on a reader connection of this thread's choosing (blocking; `search` & co. call it off-loop)."""
@@ -332,7 +425,7 @@ class SqliteHistory(BatchWriter):
             self._readers.put(db)
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.to_thread(self._read_own_writes, work)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._read_own_writes, work)
 
     def _read_own_writes(self, work: Callable[[sqlite3.Connection], T]) -> T:
         # What this process has consumed is written first, so an answer just given is in the history
@@ -373,9 +466,15 @@ def _migrate(db: sqlite3.Connection) -> None:
                            "refills it from the log)")  # fmt: skip
             for statement in _DROP_V1:
                 db.execute(statement)
+        if version == 2:
+            for statement in _DROP_V2:
+                db.execute(statement)
         if version < SCHEMA_VERSION:
             for statement in _SCHEMA:
                 db.execute(statement)
+            if version == 2:  # the day tables again, now per key, from the exchanges already there
+                db.execute(_COUNT_DAYS, (0,))
+                db.execute(_COUNT_LATENCIES, (0,))
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
@@ -465,35 +564,68 @@ def _record(row: tuple[Any, ...]) -> ExchangeRecord:
 # -- queries ---------------------------------------------------------------------------------------------
 
 
-def fts_query(q: str) -> str | None:
-    """The user's words as an FTS5 query: every word must appear (any order), `pre*` matches words that
-    start with `pre`, and "two words" between double quotes must appear together, in that order.
+def search_terms(q: str, budget: SearchBudget | None = None) -> list[tuple[str, bool]]:
+    """The user's words as (text, prefix) terms, the same for SQLite and PostgreSQL: every word must appear
+    (any order), `pre*` matches words that start with `pre`, and "two words" between double quotes must
+    appear together, in that order (a `*` after the closing quote makes the last of them a prefix).
 
-    Each word and phrase is quoted for FTS5, so its operators (OR, NOT, NEAR, column filters) are
-    plain words here and no input is an FTS5 syntax error; an unpaired double quote is the one
-    mistake, reported as a 422. None when `q` holds no word at all (no search).
+    An unpaired double quote is a 422, and so is a `q` over `budget`: more words than `max_terms` (a
+    phrase counts each of its words), or a prefix shorter than `min_prefix`.
     """
     q = q.replace("\x00", " ")
     if q.count('"') % 2:
         raise InvalidRequest(
             'q: has an unpaired double quote; a phrase goes between two quotes, like "black hole" (or leave quotes out)'
         )
-    terms = []
+    terms: list[tuple[str, bool]] = []
     phrase = False  # the segment before was a phrase
     for index, segment in enumerate(q.split('"')):
         if index % 2:  # between quotes: one phrase, a prefix when a `*` follows the closing quote
             phrase = bool(segment.strip())
             if phrase:
-                terms.append(f'"{segment}"')
+                terms.append((segment, False))
             continue
         if phrase and segment.startswith("*"):
-            terms[-1] += "*"
+            terms[-1] = (terms[-1][0], True)
             segment = segment[1:]
         for word in segment.split():
             prefix = word.endswith("*")
             word = word.rstrip("*")
             if word:
-                terms.append(f'"{word}"*' if prefix else f'"{word}"')
+                terms.append((word, prefix))
+    if budget is not None:
+        _check_budget(terms, budget)
+    return terms
+
+
+def _check_budget(terms: list[tuple[str, bool]], budget: SearchBudget) -> None:
+    """A 422 naming the limit and its setting when `terms` would cost more than `budget` allows.
+
+    Words are counted as the index cuts them (a phrase is as many lookups as it has words), and a
+    prefix is its last word: each short prefix is a merge of every word it starts, across the history.
+    """
+    words = [_TOKEN.findall(text) for text, _ in terms]
+    count = sum(len(tokens) for tokens in words)
+    if count > budget.max_terms:
+        raise InvalidRequest(
+            f"q: has {count} words; a search may have at most {budget.max_terms} (MINIVAULT_HISTORY_MAX_TERMS): "
+            "keep the few most telling ones"
+        )
+    for (_, prefix), tokens in zip(terms, words, strict=True):
+        if prefix and tokens and len(tokens[-1]) < budget.min_prefix:
+            raise InvalidRequest(
+                f"q: the prefix {tokens[-1]}* is too short; a prefix needs at least {budget.min_prefix} characters "
+                "before the `*` (MINIVAULT_HISTORY_MIN_PREFIX)"
+            )
+
+
+def fts_query(q: str, budget: SearchBudget | None = None) -> str | None:
+    """`search_terms` as an FTS5 query over prompt and response; None when `q` holds no word (no search).
+
+    Each word and phrase is quoted for FTS5, so its operators (OR, NOT, NEAR, column filters) are
+    plain words here and no input is an FTS5 syntax error.
+    """
+    terms = [f'"{text}"*' if prefix else f'"{text}"' for text, prefix in search_terms(q, budget)]
     return f"{{prompt response}} : ({' '.join(terms)})" if terms else None
 
 
@@ -508,7 +640,7 @@ def decode_cursor(cursor: str) -> tuple[int, float, int]:
     try:
         if not _CURSOR_RE.fullmatch(cursor):
             raise ValueError
-        return _CURSOR.unpack(base64.urlsafe_b64decode(cursor.encode("ascii")))  # type: ignore[return-value]
+        return _CURSOR.unpack(base64.urlsafe_b64decode(cursor.encode("ascii")))
     except (ValueError, binascii.Error, struct.error, UnicodeEncodeError):
         raise InvalidRequest("cursor: is not a cursor from GET /history; pass `next_cursor` back as it came") from None
 
@@ -516,7 +648,8 @@ def decode_cursor(cursor: str) -> tuple[int, float, int]:
 def _filters(query: HistoryQuery) -> tuple[list[str], list[Any]]:
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("model", query.model), ("status", query.status), ("endpoint", query.endpoint)):
+    for column, value in (("model", query.model), ("status", query.status), ("endpoint", query.endpoint),
+                          ("key_id", query.key_id)):  # fmt: skip
         if value is not None:
             where.append(f"e.{column} = ?")
             params.append(value)
@@ -585,6 +718,8 @@ def _ranked(db: sqlite3.Connection, match: str, where: list[str], params: list[A
         try:
             rows = db.execute(sql, (match, top, *params, RANK_WINDOW)).fetchall()
         except sqlite3.OperationalError as exc:  # fts_query quotes every word, so this is not expected
+            if exc.sqlite_errorcode == sqlite3.SQLITE_INTERRUPT:  # the deadline (SqliteHistory.search)
+                raise
             raise InvalidRequest(f"q: cannot be searched ({exc})") from None
         ranked = sorted(((_score(hits, chars), seq) for seq, hits, chars in rows), reverse=True)
         if after is not None:
@@ -618,9 +753,10 @@ def _where(conditions: list[str]) -> str:
     return f"WHERE {' AND '.join(conditions)}" if conditions else ""
 
 
-def _stats(db: sqlite3.Connection, since: datetime | None, until: datetime | None) -> list[dict[str, Any]]:
-    """Whole days come from the per-day tables; the partial days at either end of since..until are summed
-    from their exchanges (found through the start-time index)."""
+def _stats(db: sqlite3.Connection, since: datetime | None, until: datetime | None, key_id: str | None = None
+           ) -> list[dict[str, Any]]:  # fmt: skip
+    """Whole days come from the per-day tables (one key's rows, or all keys' summed); the partial days at
+    either end of since..until are summed from their exchanges (found through the start-time index)."""
     low = epoch_ms(since) if since is not None else None
     high = epoch_ms(until) if until is not None else None
     if low is not None and high is not None and low >= high:
@@ -640,9 +776,12 @@ def _stats(db: sqlite3.Connection, since: datetime | None, until: datetime | Non
             if end_day is not None:
                 conditions.append("day < ?")
                 params.append(_day_name(end_day))
+            if key_id is not None:
+                conditions.append("key_id = ?")
+                params.append(key_id)
             days = db.execute(
-                "SELECT day, model, count, ok, error, cancelled, prompt_tokens, completion_tokens "
-                f"FROM exchange_days {_where(conditions)}",
+                "SELECT day, model, sum(count), sum(ok), sum(error), sum(cancelled), sum(prompt_tokens), "
+                f"sum(completion_tokens) FROM exchange_days {_where(conditions)} GROUP BY day, model",
                 params,
             )
             for day, model, count, ok, error, cancelled, prompt_tokens, completion_tokens in days:
@@ -650,12 +789,15 @@ def _stats(db: sqlite3.Connection, since: datetime | None, until: datetime | Non
                     "day": day, "model": model or None, "count": count, "ok": ok, "error": error,
                     "cancelled": cancelled, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 }  # fmt: skip
-            latencies = db.execute(f"SELECT day, model, bucket, count FROM exchange_latencies {_where(conditions)}",
-                                   params)  # fmt: skip
+            latencies = db.execute(
+                f"SELECT day, model, bucket, sum(count) FROM exchange_latencies {_where(conditions)} "
+                "GROUP BY day, model, bucket",
+                params,
+            )
             for day, model, bucket, count in latencies:
                 buckets.setdefault((day, model or None), {})[bucket] = count
         for start, end in _partial_ranges(low, high, first_day, end_day):
-            _add_partial(db, groups, buckets, start, end)
+            _add_partial(db, groups, buckets, start, end, key_id)
     finally:
         db.execute("COMMIT")
     for key, group in groups.items():
@@ -695,12 +837,15 @@ def _add_partial(
     buckets: dict[tuple[str, str | None], dict[int, int]],
     start: int,
     end: int,
+    key_id: str | None = None,
 ) -> None:
-    """Sum the exchanges that started in [start, end) (within one UTC day) into `groups` and `buckets`."""
+    """Sum the exchanges that started in [start, end) (within one UTC day, of `key_id` when given) into
+    `groups` and `buckets`."""
+    mine = " AND key_id = ?" if key_id is not None else ""
     rows = db.execute(
         "SELECT day, model, status, prompt_tokens, completion_tokens, latency_bucket FROM exchanges "
-        "WHERE ts >= ? AND ts < ?",
-        (_ms_text(start), _ms_text(end)),
+        f"WHERE ts >= ? AND ts < ?{mine}",
+        (_ms_text(start), _ms_text(end), *((key_id,) if key_id is not None else ())),
     )
     for day, model, status, prompt_tokens, completion_tokens, bucket in rows:
         key = (day, model)
