@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from app.backends import ChatInput
+from app.errors import NotFound
 from app.store import ConversationStore, Turn
 
 logger = logging.getLogger(__name__)
@@ -99,15 +100,27 @@ class ConversationMemory:
             self._locks[conversation_id] = (lock, users - 1)
 
     async def chat_input(
-        self, conversation_id: str, model: str, prompt: str, system: str | None, options: dict[str, Any] | None
+        self,
+        conversation_id: str,
+        model: str,
+        prompt: str,
+        system: str | None,
+        options: dict[str, Any] | None,
+        visible_to: str | None = None,
     ) -> ChatInput:
         """The messages for `prompt`: system first (the request's, else the conversation's), then the
-        latest turns that fit MINIVAULT_MAX_TURNS and MINIVAULT_MAX_CONTEXT_CHARS, then the prompt."""
-        conversation = await self.store.get(conversation_id)
+        latest turns that fit MINIVAULT_MAX_TURNS and MINIVAULT_MAX_CONTEXT_CHARS, then the prompt.
+
+        `visible_to` is an ordinary key's key_id: another key's conversation is NotFound (None: any).
+        """
+        limits = self.limits
+        conversation = await self.store.recent(conversation_id, limits.max_turns, limits.max_chars)
+        if conversation is not None and visible_to is not None and conversation.key_id != visible_to:
+            raise NotFound(f"no conversation with id {conversation_id!r}; GET /conversations lists them")
         turns = conversation.turns if conversation else []
         if system is None and conversation is not None:
             system = conversation.system
-        kept = _latest_that_fit(turns, self.limits)
+        kept = _latest_that_fit(turns, limits)
         messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system is not None else []
         for turn in kept:
             messages.append({"role": "user", "content": turn.prompt})
@@ -115,12 +128,14 @@ class ConversationMemory:
         messages.append({"role": "user", "content": prompt})
         return ChatInput(model, tuple(messages), options, conversation=True)
 
-    async def remember(self, conversation_id: str, turn: Turn, system: str | None) -> None:
-        """Keep a finished turn (a failed or cancelled answer never gets here)."""
-        await self.store.append(conversation_id, turn, system)
+    async def remember(self, conversation_id: str, turn: Turn, system: str | None, key_id: str | None = None) -> None:
+        """Keep a finished turn (a failed or cancelled answer never gets here); a new conversation is `key_id`'s."""
+        await self.store.append(conversation_id, turn, system, key_id)
 
 
 def _latest_that_fit(turns: list[Turn], limits: ContextLimits) -> list[Turn]:
+    # The store already read only these (in SQL); this is the exact count, in Python's characters, which
+    # SQLite's length() can undercount (it stops at a U+0000).
     kept: list[Turn] = []
     chars = 0
     for turn in reversed(turns[-limits.max_turns :] if limits.max_turns else []):

@@ -62,6 +62,7 @@ def test_a_conversation_is_created_continued_listed_read_and_forgotten(server: R
         ("red green", "red green", first.json()["id"]),
         ("blue", "blue", second.json()["id"]),
     ]
+    assert (read["turn_count"], read["next_cursor"]) == (2, None)  # one page holds them all
     assert deleted.status_code == 204
     assert after.status_code == 404 and after.json()["error"]["code"] == "not_found"
     assert deleted_again.status_code == 404

@@ -23,6 +23,7 @@ import redis
 
 from app.auth import key_id
 from app.store.pg_conversations import lock_key
+from app.store.pg_schema import SCHEMA_VERSION
 from tests.fake_ollama import FakeOllama
 from tests.postgres import PostgresServer
 from tests.redis_server import RedisServer
@@ -244,7 +245,7 @@ async def test_both_replicas_started_at_once_on_an_empty_database_are_ready_with
             assert (ready.status_code, ready.json()["status"]) == (200, "ready")
     with psycopg.connect(fleet.database_url) as db:
         # One version row; a second full migration would have failed on CREATE TEXT SEARCH CONFIGURATION.
-        assert db.execute("SELECT version FROM minivault_schema").fetchall() == [(1,)]
+        assert db.execute("SELECT version FROM minivault_schema").fetchall() == [(SCHEMA_VERSION,)]
         tables = db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1").fetchall()
         assert tables == [("conversations",), ("exchanges",), ("minivault_schema",), ("turns",)]
         assert db.execute("SELECT count(*) FROM pg_ts_config WHERE cfgname = 'minivault_text'").fetchone() == (1,)

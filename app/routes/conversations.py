@@ -6,6 +6,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from app.auth import is_admin, key_id_of
 from app.conversations import ConversationMemory
 from app.errors import InvalidRequest, NotFound
 from app.routes.generate import ERRORS
@@ -15,7 +16,10 @@ from app.store import Conversation
 router = APIRouter(prefix="/conversations", tags=["conversations"])
 
 _ID = r"^[A-Za-z0-9._:\-]{1,128}$"
-_NOT_FOUND = {404: {"model": ErrorBody, "description": "not_found: no conversation with that id"}}
+_NOT_FOUND = {
+    404: {"model": ErrorBody, "description": "not_found: no conversation with that id (or it is another key's)"}
+}
+_CURSOR = r"^[0-9]{1,18}$"
 _OFF = {422: {"model": ErrorBody, "description": "invalid_request; also when MINIVAULT_LOG_PROMPTS=false"}}
 
 
@@ -55,6 +59,22 @@ class ConversationOut(BaseModel):
     turns: list[TurnOut] | None = Field(None, description="Oldest first; only in GET /conversations/{id}.")
 
 
+class ConversationTurns(ConversationOut):
+    """A conversation with one page of its turns, oldest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{**_CONVERSATION_EXAMPLE, "turns": [_TURN_EXAMPLE], "turn_count": 3, "next_cursor": "1"}]
+        }
+    )
+
+    turns: list[TurnOut] = Field(description="Oldest first: at most `limit` of them, after `cursor`.")
+    turn_count: int = Field(description="All the conversation's turns, on every page.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the turns after these; null on the last page. Stable while turns are added."
+    )
+
+
 class ConversationPage(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"items": [_CONVERSATION_EXAMPLE], "next_cursor": None}]})
 
@@ -71,20 +91,23 @@ def _memory(request: Request) -> ConversationMemory:
     return memory
 
 
-def _out(conversation: Conversation, with_turns: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {
+def _visible_to(request: Request) -> str | None:
+    """The key_id whose conversations alone this request may see; None for an admin key or with auth off."""
+    return None if is_admin(request) else key_id_of(request)
+
+
+def _not_found(conversation_id: str) -> NotFound:
+    return NotFound(f"no conversation with id {conversation_id!r}; GET /conversations lists them")
+
+
+def _out(conversation: Conversation) -> dict[str, Any]:
+    return {
         "id": conversation.id,
         "title": conversation.title,
         "system": conversation.system,
         "created": conversation.created,
         "updated": conversation.updated,
     }
-    if with_turns:
-        body["turns"] = [
-            {"prompt": t.prompt, "response": t.response, "exchange_id": t.exchange_id, "ts": t.ts}
-            for t in conversation.turns
-        ]
-    return body
 
 
 @router.post(
@@ -104,29 +127,44 @@ async def create_conversation(request: Request) -> dict[str, Any]:
     memory = _memory(request)
     raw = await request.body()
     body = parse_body(NewConversation, raw, '{"system": "Be brief."}') if raw.strip() else NewConversation()
-    return _out(await memory.store.create(system=body.system), with_turns=False)
+    return _out(await memory.store.create(system=body.system, key_id=key_id_of(request)))
 
 
 @router.get("", response_model=ConversationPage, responses=_OFF)
 async def list_conversations(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=200, description="Conversations per page.")] = 50,
+    cursor: Annotated[str | None, Query(pattern=_CURSOR, description="`next_cursor` of the previous page.")] = None,
+) -> dict[str, Any]:
+    """Conversations, most recently continued first, titled by their first prompt (an ordinary key: its own)."""
+    found, next_cursor = await _memory(request).store.list(limit, cursor, visible_to=_visible_to(request))
+    return {"items": [_out(c) for c in found], "next_cursor": next_cursor}
+
+
+@router.get("/{conversation_id}", response_model=ConversationTurns, responses={**_NOT_FOUND, **_OFF})
+async def get_conversation(
+    request: Request,
+    conversation_id: Annotated[str, Path(pattern=_ID)],
+    limit: Annotated[int, Query(ge=1, le=500, description="Turns per page.")] = 100,
     cursor: Annotated[
-        str | None, Query(pattern=r"^[0-9]{1,18}$", description="`next_cursor` of the previous page.")
+        str | None, Query(pattern=_CURSOR, description="`next_cursor` of the previous page.", examples=["100"])
     ] = None,
 ) -> dict[str, Any]:
-    """Conversations, most recently continued first, titled by their first prompt."""
-    found, next_cursor = await _memory(request).store.list(limit, cursor)
-    return {"items": [_out(c, with_turns=False) for c in found], "next_cursor": next_cursor}
-
-
-@router.get("/{conversation_id}", response_model=ConversationOut, responses={**_NOT_FOUND, **_OFF})
-async def get_conversation(request: Request, conversation_id: Annotated[str, Path(pattern=_ID)]) -> dict[str, Any]:
-    """One conversation with its turns, oldest first."""
-    conversation = await _memory(request).store.get(conversation_id)
+    """One conversation with a page of its turns, oldest first; `next_cursor` leads to the next page."""
+    store = _memory(request).store
+    # One turn more than the page tells whether there is a next one.
+    conversation = await store.get(
+        conversation_id, visible_to=_visible_to(request), after=int(cursor) if cursor else 0, limit=limit + 1
+    )
     if conversation is None:
-        raise NotFound(f"no conversation with id {conversation_id!r}; GET /conversations lists them")
-    return _out(conversation, with_turns=True)
+        raise _not_found(conversation_id)
+    turns = conversation.turns[:limit]
+    body = _out(conversation)
+    body["turns"] = [{"prompt": t.prompt, "response": t.response, "exchange_id": t.exchange_id, "ts": t.ts}
+                     for t in turns]  # fmt: skip
+    body["turn_count"] = conversation.turn_count
+    body["next_cursor"] = str(turns[-1].n) if len(conversation.turns) > limit else None
+    return body
 
 
 @router.delete("/{conversation_id}", status_code=204, responses={**_NOT_FOUND, **_OFF})
@@ -134,6 +172,6 @@ async def delete_conversation(
     request: Request, conversation_id: Annotated[str, Path(pattern=_ID, examples=["4f1c2b7e9a0d4e5f8a6b3c2d1e0f9a8b"])]
 ) -> Response:
     """Forget a conversation and its turns (the interaction log keeps its exchanges)."""
-    if not await _memory(request).store.delete(conversation_id):
-        raise NotFound(f"no conversation with id {conversation_id!r}; GET /conversations lists them")
+    if not await _memory(request).store.delete(conversation_id, visible_to=_visible_to(request)):
+        raise _not_found(conversation_id)
     return Response(status_code=204)

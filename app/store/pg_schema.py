@@ -15,7 +15,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TEXT_CONFIG = "minivault_text"
 # pg_advisory_xact_lock key of the migration (any fixed 64-bit number; this one spells "MiniVlt1").
 _MIGRATION_LOCK = 0x4D696E69566C7431
@@ -158,4 +158,21 @@ def _v1(db: psycopg.Connection) -> None:
         db.execute(statement)
 
 
-_STEPS: list[Callable[[psycopg.Connection], None]] = [_v1]
+# Version 2 (each key sees its own): what schema 1 lacks to scope data by key.
+_V2 = [
+    # Conversations: the key_id of the key that made each (NULL for one made with auth off), and an index
+    # so that one key's listing reads only its own.
+    "ALTER TABLE conversations ADD COLUMN IF NOT EXISTS key_id text",
+    "CREATE INDEX IF NOT EXISTS conversations_by_key ON conversations (key_id, seq)",
+    # History (history helper): one key's exchanges newest first, for an ordinary key's GET /history and
+    # /history/stats (key_id = ... ORDER BY ts DESC, id DESC walks it).
+    "CREATE INDEX IF NOT EXISTS exchanges_by_key ON exchanges (key_id, ts, id)",
+]
+
+
+def _v2(db: psycopg.Connection) -> None:
+    for statement in _V2:
+        db.execute(statement)
+
+
+_STEPS: list[Callable[[psycopg.Connection], None]] = [_v1, _v2]

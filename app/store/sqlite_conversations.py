@@ -7,11 +7,12 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from app.store.base import Conversation, Turn
 
 T = TypeVar("T")
+Row = tuple[Any, ...]
 _TITLE_CHARS = 80
 _NEXT_SEQ = "(SELECT COALESCE(MAX(seq), 0) + 1 FROM conversations)"
 _SCHEMA = """
@@ -22,7 +23,9 @@ CREATE TABLE IF NOT EXISTS conversations (
     created TEXT NOT NULL,
     updated TEXT NOT NULL,
     -- Grows with every change: the order of GET /conversations, and its cursor.
-    seq INTEGER NOT NULL
+    seq INTEGER NOT NULL,
+    -- The key_id of the key that made it; NULL when made with auth off.
+    key_id TEXT
 );
 CREATE INDEX IF NOT EXISTS conversations_by_seq ON conversations (seq);
 CREATE TABLE IF NOT EXISTS turns (
@@ -34,6 +37,18 @@ CREATE TABLE IF NOT EXISTS turns (
     ts TEXT NOT NULL,
     PRIMARY KEY (conversation_id, n)
 );
+"""
+# After the tables exist (and have key_id, however old the file): one key's listing reads only its own.
+_KEY_INDEX = "CREATE INDEX IF NOT EXISTS conversations_by_key ON conversations (key_id, seq)"
+_CONVERSATION = "SELECT id, title, system, created, updated, key_id FROM conversations"
+# The latest turns, newest first, while their running total of characters fits: only the rows a prompt can
+# send are read. SQLite's length() stops at a U+0000, so the caller still trims to the exact count.
+RECENT = """
+SELECT prompt, response, exchange_id, ts, n FROM (
+    SELECT *, SUM(length(prompt) + length(response)) OVER (ORDER BY n DESC) AS chars FROM (
+        SELECT prompt, response, exchange_id, ts, n FROM turns WHERE conversation_id = ? ORDER BY n DESC LIMIT ?
+    )
+) WHERE chars <= ? ORDER BY n DESC
 """
 
 
@@ -51,6 +66,8 @@ class SqliteConversations:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        _add_key_id(self._db)
+        self._db.execute(_KEY_INDEX)
         self._lock = threading.Lock()
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -60,74 +77,100 @@ class SqliteConversations:
 
         return await asyncio.to_thread(locked)
 
-    async def create(self, conversation_id: str | None = None, system: str | None = None) -> Conversation:
+    async def create(
+        self, conversation_id: str | None = None, system: str | None = None, key_id: str | None = None
+    ) -> Conversation:
         conversation_id = conversation_id or uuid.uuid4().hex
         now = _now()
 
         def insert(db: sqlite3.Connection) -> None:
             db.execute(
-                "INSERT INTO conversations (id, title, system, created, updated, seq) "
-                f"VALUES (?, NULL, ?, ?, ?, {_NEXT_SEQ})",
-                (conversation_id, system, now, now),
+                "INSERT INTO conversations (id, title, system, created, updated, seq, key_id) "
+                f"VALUES (?, NULL, ?, ?, ?, {_NEXT_SEQ}, ?)",
+                (conversation_id, system, now, now, key_id),
             )
 
         await self._run(insert)
-        return Conversation(conversation_id, None, system, now, now)
+        return Conversation(conversation_id, None, system, now, now, key_id=key_id, turn_count=0)
 
-    async def get(self, conversation_id: str) -> Conversation | None:
+    async def get(
+        self, conversation_id: str, *, visible_to: str | None = None, after: int = 0, limit: int | None = None
+    ) -> Conversation | None:
         def read(db: sqlite3.Connection) -> Conversation | None:
-            row = db.execute(
-                "SELECT id, title, system, created, updated FROM conversations WHERE id = ?", (conversation_id,)
-            ).fetchone()
+            # Both reads under the connection's lock: no append comes between them.
+            row = _read_conversation(db, conversation_id, visible_to)
             if row is None:
                 return None
+            (count,) = db.execute("SELECT COUNT(*) FROM turns WHERE conversation_id = ?", (conversation_id,)).fetchone()
             turns = [
                 Turn(*turn)
                 for turn in db.execute(
-                    "SELECT prompt, response, exchange_id, ts FROM turns WHERE conversation_id = ? ORDER BY n",
-                    (conversation_id,),
+                    "SELECT prompt, response, exchange_id, ts, n FROM turns WHERE conversation_id = ? AND n > ? "
+                    "ORDER BY n LIMIT ?",
+                    (conversation_id, after, -1 if limit is None else limit),  # LIMIT -1: no limit
                 )
             ]
-            return Conversation(*row, turns=turns)
+            return _conversation(row, turns, count)
 
         return await self._run(read)
 
-    async def list(self, limit: int, cursor: str | None = None) -> tuple[list[Conversation], str | None]:
+    async def recent(self, conversation_id: str, max_turns: int, max_chars: int) -> Conversation | None:
+        def read(db: sqlite3.Connection) -> Conversation | None:
+            row = _read_conversation(db, conversation_id, None)
+            if row is None:
+                return None
+            newest_first = db.execute(RECENT, (conversation_id, max_turns, max_chars)).fetchall()
+            return _conversation(row, [Turn(*turn) for turn in reversed(newest_first)])
+
+        return await self._run(read)
+
+    async def list(
+        self, limit: int, cursor: str | None = None, *, visible_to: str | None = None
+    ) -> tuple[list[Conversation], str | None]:
         """Most recently changed first. The cursor is the change number of the last one shown (digits)."""
-        before = int(cursor) if cursor else None
+        before = int(cursor) if cursor else 2**63 - 1
+        # Two statements rather than `? IS NULL OR key_id = ?`, so a key's listing walks its own index.
+        mine = "key_id = ? AND " if visible_to is not None else ""
+        params = (visible_to, before, limit + 1) if visible_to is not None else (before, limit + 1)
 
         def read(db: sqlite3.Connection) -> list[tuple[Conversation, int]]:
             rows = db.execute(
-                "SELECT id, title, system, created, updated, seq FROM conversations "
-                "WHERE seq < ? ORDER BY seq DESC LIMIT ?",
-                (before if before is not None else 2**63 - 1, limit + 1),
+                "SELECT id, title, system, created, updated, key_id, seq FROM conversations "
+                f"WHERE {mine}seq < ? ORDER BY seq DESC LIMIT ?",
+                params,
             )
-            return [(Conversation(*row[:5]), row[5]) for row in rows]
+            return [(_conversation(row[:6], []), row[6]) for row in rows]
 
         found = await self._run(read)
         page, more = found[:limit], len(found) > limit
         return [conversation for conversation, _ in page], (str(page[-1][1]) if more else None)
 
-    async def delete(self, conversation_id: str) -> bool:
+    async def delete(self, conversation_id: str, *, visible_to: str | None = None) -> bool:
         def remove(db: sqlite3.Connection) -> bool:
-            return db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount > 0
+            if visible_to is None:
+                return db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount > 0
+            done = db.execute("DELETE FROM conversations WHERE id = ? AND key_id = ?", (conversation_id, visible_to))
+            return done.rowcount > 0
 
         return await self._run(remove)
 
-    async def append(self, conversation_id: str, turn: Turn, system: str | None = None) -> None:
+    async def append(
+        self, conversation_id: str, turn: Turn, system: str | None = None, key_id: str | None = None
+    ) -> None:
         now = _now()
         title = " ".join(turn.prompt.split())[:_TITLE_CHARS]
 
         def insert(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             try:
+                # An existing conversation keeps its owner (an admin key may continue another key's).
                 db.execute(
-                    "INSERT INTO conversations (id, title, system, created, updated, seq) "
-                    f"VALUES (?, ?, ?, ?, ?, {_NEXT_SEQ}) "
+                    "INSERT INTO conversations (id, title, system, created, updated, seq, key_id) "
+                    f"VALUES (?, ?, ?, ?, ?, {_NEXT_SEQ}, ?) "
                     "ON CONFLICT (id) DO UPDATE SET updated = excluded.updated, seq = excluded.seq, "
                     "title = COALESCE(conversations.title, excluded.title), "
                     "system = COALESCE(excluded.system, conversations.system)",
-                    (conversation_id, title, system, now, now),
+                    (conversation_id, title, system, now, now, key_id),
                 )
                 db.execute(
                     "INSERT INTO turns (conversation_id, n, prompt, response, exchange_id, ts) VALUES "
@@ -143,3 +186,27 @@ class SqliteConversations:
 
     async def aclose(self) -> None:
         await self._run(lambda db: db.close())
+
+
+def _add_key_id(db: sqlite3.Connection) -> None:
+    """A file made before conversations had owners gets the column; its conversations stay ownerless (NULL)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(conversations)")}
+    if "key_id" in columns:
+        return
+    try:
+        db.execute("ALTER TABLE conversations ADD COLUMN key_id TEXT")
+    except sqlite3.OperationalError as exc:
+        if "duplicate column" not in str(exc):  # another process opening the same file just added it
+            raise
+
+
+def _read_conversation(db: sqlite3.Connection, conversation_id: str, visible_to: str | None) -> Row | None:
+    if visible_to is None:
+        return db.execute(f"{_CONVERSATION} WHERE id = ?", (conversation_id,)).fetchone()
+    return db.execute(f"{_CONVERSATION} WHERE id = ? AND key_id = ?", (conversation_id, visible_to)).fetchone()
+
+
+def _conversation(row: Row, turns: list[Turn], turn_count: int | None = None) -> Conversation:
+    """A Conversation from (id, title, system, created, updated, key_id)."""
+    conversation_id, title, system, created, updated, key_id = row
+    return Conversation(conversation_id, title, system, created, updated, turns, key_id, turn_count)
