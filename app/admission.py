@@ -1,4 +1,6 @@
-"""Admission control: at most N generations upstream at once, a bounded FIFO queue behind them.
+"""Admission control: at most N generations upstream at once, a bounded FIFO queue behind them, and no
+key holding more than its share of the queue (MINIVAULT_MAX_QUEUE_PER_KEY), so one key's burst cannot
+lock the others out.
 
 `Admission` keeps both in this process; `app.admission_redis.RedisAdmission` shares them between
 replicas through Redis. Both have the async interface `AdmissionControl` describes.
@@ -10,17 +12,19 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from app.errors import Busy
+from app.errors import Busy, QueueShareExceeded
 
 
 class Ticket:
-    """A place in the queue; `changed` is set whenever the place moves or turns into a slot."""
+    """A place in the queue, held by `key` (a key_id; None: auth is off); `changed` is set whenever the
+    place moves or turns into a slot."""
 
-    __slots__ = ("admitted", "changed")
+    __slots__ = ("admitted", "changed", "key")
 
-    def __init__(self) -> None:
+    def __init__(self, key: str | None = None) -> None:
         self.admitted = False
         self.changed = asyncio.Event()
+        self.key = key
 
 
 class AdmissionControl(Protocol):
@@ -33,8 +37,9 @@ class AdmissionControl(Protocol):
         """Take a slot at once if one is free and nobody waits."""
         ...
 
-    async def enqueue(self) -> Ticket:
-        """Join the queue, or raise Busy (429) at once when it is full."""
+    async def enqueue(self, key: str | None) -> Ticket:
+        """Join the queue for `key` (a key_id, None when auth is off), or raise Busy (429) at once when the
+        queue is full or the key holds its share (QueueShareExceeded)."""
         ...
 
     async def position(self, ticket: Ticket) -> int:
@@ -55,7 +60,8 @@ class AdmissionControl(Protocol):
 
 
 class Admission:
-    """Hands out `limit` slots; up to `max_queue` callers wait for one in arrival order.
+    """Hands out `limit` slots; up to `max_queue` callers wait for one in arrival order, at most
+    `max_per_key` of them (None: no share) with the same key.
 
     Not thread-safe: it lives on the event loop, like everything that calls it. A slot freed
     while callers wait goes straight to the first of them, so nobody can overtake the queue.
@@ -64,11 +70,20 @@ class Admission:
     off half-way through one.
     """
 
-    def __init__(self, limit: int, max_queue: int, on_change: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        max_queue: int,
+        on_change: Callable[[int, int], None] | None = None,
+        max_per_key: int | None = None,
+    ) -> None:
         self.limit = limit
         self.max_queue = max_queue
+        self.max_per_key = max_per_key
         self.running = 0
         self._waiting: deque[Ticket] = deque()
+        # Places held per key; a key holding none has no entry, so the dict stays as small as the queue.
+        self._held: dict[str | None, int] = {}
         self._on_change = on_change
         # Recent generation time, for an honest Retry-After.
         self._mean_seconds = 1.0
@@ -85,12 +100,16 @@ class Admission:
             return True
         return False
 
-    async def enqueue(self) -> Ticket:
-        """Join the queue, or raise Busy (429) at once when it is full."""
+    async def enqueue(self, key: str | None = None) -> Ticket:
+        """Join the queue for `key`, or raise Busy (429) at once when it is full or the key holds its share."""
         if len(self._waiting) >= self.max_queue:
             raise busy(self.running, len(self._waiting), self.limit, self.max_queue, self.retry_after())
-        ticket = Ticket()
+        held = self._held.get(key, 0)
+        if self.max_per_key is not None and held >= self.max_per_key:
+            raise share_exceeded(key, held, self.max_per_key, self.retry_after())
+        ticket = Ticket(key)
         self._waiting.append(ticket)
+        self._held[key] = held + 1
         self._changed()
         return ticket
 
@@ -104,6 +123,7 @@ class Admission:
             await self.release()
             return
         self._waiting.remove(ticket)
+        self._unhold(ticket)
         self._moved()
         self._changed()
 
@@ -113,6 +133,7 @@ class Admission:
             self._mean_seconds += (seconds - self._mean_seconds) * 0.1
         if self._waiting:
             ticket = self._waiting.popleft()
+            self._unhold(ticket)
             ticket.admitted = True
             ticket.changed.set()
             self._moved()
@@ -123,6 +144,13 @@ class Admission:
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the queue ahead, at the recent pace, at least 1."""
         return retry_after(len(self._waiting), self.limit, self._mean_seconds)
+
+    def _unhold(self, ticket: Ticket) -> None:
+        left = self._held[ticket.key] - 1
+        if left:
+            self._held[ticket.key] = left
+        else:
+            del self._held[ticket.key]
 
     def _moved(self) -> None:
         for ticket in self._waiting:
@@ -137,6 +165,16 @@ def retry_after(waiting: int, limit: int, mean_seconds: float) -> int:
     """The queue ahead plus one, `limit` at a time, at `mean_seconds` each; between 1 and 60."""
     rounds = (waiting + 1) / limit
     return max(1, min(60, math.ceil(rounds * mean_seconds)))
+
+
+def share_exceeded(key: str | None, held: int, max_per_key: int, retry_after: int) -> QueueShareExceeded:
+    """The 429 a key gets when it already holds its share of the queue; other keys still get places."""
+    who = "this API key already holds" if key is not None else "prompts without an API key already hold"
+    return QueueShareExceeded(
+        f"{who} {held} places in MiniVault's queue, a key's share (MINIVAULT_MAX_QUEUE_PER_KEY={max_per_key}); "
+        f"wait for those prompts to start, and retry after {retry_after} s",
+        retry_after,
+    )
 
 
 def busy(running: int, waiting: int, limit: int, max_queue: int, retry_after: int) -> Busy:

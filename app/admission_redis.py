@@ -1,11 +1,13 @@
 """Admission shared by every replica using one Redis: the fleet-wide slots and FIFO queue, as leases.
 
 Redis holds three sorted sets: `slots` (id -> lease expiry), `queue` (id -> arrival number) and
-`places` (id -> lease expiry of each queue place). Every step is one Lua script, so counts are
-exact however many replicas call at once, and each script first drops the leases nobody renewed
-(their replica died) and hands free slots to the head of the queue, the ticket's id becoming the
-slot's. A replica renews the leases it holds every third of MINIVAULT_SLOT_LEASE_SECONDS. When the
-queue moves, the script publishes on a channel; each replica with waiters then asks where they
+`places` (id -> lease expiry of each queue place), and two hashes for the per-key share of the
+queue: `owners` (queued id -> its key_id) and `shares` (key_id -> places it holds). Every step is one
+Lua script, so counts are exact however many replicas call at once, and each script first drops
+the leases nobody renewed (their replica died, and its places no longer count against its keys)
+and hands free slots to the head of the queue, the ticket's id becoming the slot's. A replica
+renews the leases it holds every third of MINIVAULT_SLOT_LEASE_SECONDS. When the queue moves,
+the script publishes on a channel; each replica with waiters then asks where they
 stand (one script for all of them), and asks anyway every few seconds in case a message was lost.
 Times are Redis's own (TIME), so replicas' clocks never matter.
 """
@@ -21,27 +23,39 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from app.admission import Ticket, busy, retry_after
+from app.admission import Ticket, busy, retry_after, share_exceeded
 from app.errors import Busy
 from app.rate_limit import REDIS_CALL_TIMEOUT, redis_unavailable
 
 logger = logging.getLogger(__name__)
 
-# KEYS: 1 slots, 2 queue, 3 places, 4 the arrival counter. ARGV: 1 channel, 2 limit, 3 lease (ms), then the script's.
-# Every script replies {running, waiting, ...} with the fleet's counts after its step.
+# KEYS: 1 slots, 2 queue, 3 places, 4 the arrival counter, 5 owners, 6 shares. ARGV: 1 channel, 2 limit,
+# 3 lease (ms), then the script's. Every script replies {running, waiting, ...} with the fleet's counts after its step.
 _PRELUDE = """
-local slots, queue, places, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local slots, queue, places, seq, owners, shares = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local channel, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local moved = false
 
+-- The one way out of the queue (admitted, given up, lease run out): its key then holds one place fewer.
+local function unqueue(id)
+  redis.call('ZREM', places, id)
+  local removed = redis.call('ZREM', queue, id) == 1
+  local owner = redis.call('HGET', owners, id)
+  if owner then
+    redis.call('HDEL', owners, id)
+    if redis.call('HINCRBY', shares, owner, -1) <= 0 then redis.call('HDEL', shares, owner) end
+  end
+  if removed then moved = true end
+  return removed
+end
+
 -- Leases nobody renewed belong to a replica that died (or lost Redis for longer than a lease).
 local function expire()
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', places, '-inf', now)) do
-    redis.call('ZREM', queue, id)
-    redis.call('ZREM', places, id)
+    unqueue(id)
     moved = true
   end
 end
@@ -51,10 +65,8 @@ local function fill()
   while redis.call('ZCARD', slots) < limit do
     local head = redis.call('ZRANGE', queue, 0, 0)[1]
     if not head then return end
-    redis.call('ZREM', queue, head)
-    redis.call('ZREM', places, head)
+    unqueue(head)
     redis.call('ZADD', slots, now + lease, head)
-    moved = true
   end
 end
 
@@ -87,17 +99,26 @@ end
 return reply({1})
 """
 
-# ARGV[4]: the ticket's id, ARGV[5]: MINIVAULT_MAX_QUEUE. Extra reply: its position, or -1: the queue is full.
-# Idempotent (redis-py retries a command after a timeout): a ticket already in is not moved back.
+# ARGV[4]: the ticket's id, ARGV[5]: MINIVAULT_MAX_QUEUE, ARGV[6]: its key ("": no key), ARGV[7]: a key's share
+# of the queue (-1: none). Extra reply: its position, or -1: the queue is full, or -2: the key holds its share;
+# then the places the key holds. Idempotent (redis-py retries a command after a timeout): a ticket already in
+# is not moved back, nor counted twice.
 _ENQUEUE = """
-local id = ARGV[4]
+local id, owner, share = ARGV[4], ARGV[6], tonumber(ARGV[7])
 if position(id) < 0 then
-  if redis.call('ZCARD', queue) >= tonumber(ARGV[5]) then return reply({-1}) end
+  local waiting = redis.call('ZCARD', queue)
+  -- An empty queue holds no places: whatever the hashes still say (keys deleted by hand) is dropped.
+  if waiting == 0 then redis.call('DEL', owners, shares) end
+  if waiting >= tonumber(ARGV[5]) then return reply({-1, 0}) end
+  local mine = tonumber(redis.call('HGET', shares, owner) or '0')
+  if share >= 0 and mine >= share then return reply({-2, mine}) end
   redis.call('ZADD', queue, redis.call('INCR', seq), id)
   redis.call('ZADD', places, now + lease, id)
+  redis.call('HSET', owners, id, owner)
+  redis.call('HINCRBY', shares, owner, 1)
   fill()  -- a slot freed since try_enter found none
 end
-return reply({position(id)})
+return reply({position(id), tonumber(redis.call('HGET', shares, owner) or '0')})
 """
 
 # ARGV[4]: how many held slots follow, then their ids, then the ids of this replica's waiting tickets.
@@ -125,12 +146,7 @@ return reply(out)
 # ARGV[4...]: ids to give back, slots or queue places; a slot freed goes to the head of the queue.
 _DROP = """
 for i = 4, #ARGV do
-  if redis.call('ZREM', queue, ARGV[i]) == 1 then
-    redis.call('ZREM', places, ARGV[i])
-    moved = true
-  else
-    redis.call('ZREM', slots, ARGV[i])
-  end
+  if not unqueue(ARGV[i]) then redis.call('ZREM', slots, ARGV[i]) end
 end
 fill()
 return reply({})
@@ -142,15 +158,16 @@ class RedisTicket(Ticket):
 
     __slots__ = ("id", "place", "lost")
 
-    def __init__(self, member: str) -> None:
-        super().__init__()
+    def __init__(self, member: str, key: str | None = None) -> None:
+        super().__init__(key)
         self.id = member
         self.place = 0
         self.lost = False
 
 
 class RedisAdmission:
-    """`limit` slots and a queue of `max_queue` shared by every replica using `client`'s Redis.
+    """`limit` slots and a queue of `max_queue` shared by every replica using `client`'s Redis, at most
+    `max_per_key` places of it (None: no share) held by one key, fleet-wide.
 
     Every replica must be given the same limits. `on_change(running, waiting)` is told this
     replica's own slots and waiters (summed over replicas, they are the fleet's). leave() and
@@ -166,13 +183,15 @@ class RedisAdmission:
         on_change: Callable[[int, int], None] | None = None,
         prefix: str = "minivault:",
         recheck_seconds: float = 2.0,
+        max_per_key: int | None = None,
     ) -> None:
         self.limit = limit
         self.max_queue = max_queue
+        self.max_per_key = max_per_key
         self._client = client
-        # One hash tag: on a Redis Cluster all four keys live in one slot, as a script needs.
+        # One hash tag: on a Redis Cluster all six keys live in one slot, as a script needs.
         tag = f"{prefix}{{admission}}:"
-        self._keys = [f"{tag}slots", f"{tag}queue", f"{tag}places", f"{tag}seq"]
+        self._keys = [f"{tag}slots", f"{tag}queue", f"{tag}places", f"{tag}seq", f"{tag}owners", f"{tag}shares"]
         self._channel = f"{tag}changed"
         self._head = (self._channel, limit, max(1, round(lease_seconds * 1000)))
         self._renew_every = lease_seconds / 3
@@ -224,10 +243,15 @@ class RedisAdmission:
             self._changed()
         return bool(taken)
 
-    async def enqueue(self) -> Ticket:
-        """Join the fleet's queue, or raise Busy (429) at once when it is full."""
-        ticket = RedisTicket(next(self._ids))
-        running, waiting, place = await self._claim("enqueue", ticket.id, self.max_queue)
+    async def enqueue(self, key: str | None = None) -> Ticket:
+        """Join the fleet's queue for `key`, or raise Busy (429) at once when it is full or the key holds its share
+        of it on any replica (QueueShareExceeded)."""
+        ticket = RedisTicket(next(self._ids), key)
+        share = -1 if self.max_per_key is None else self.max_per_key
+        running, waiting, place, held = await self._claim("enqueue", ticket.id, self.max_queue, key or "", share)
+        if place == -2:
+            assert self.max_per_key is not None
+            raise share_exceeded(key, held, self.max_per_key, self.retry_after())
         if place < 0:
             raise busy(running, waiting, self.limit, self.max_queue, self.retry_after())
         if place == 0:
@@ -275,7 +299,7 @@ class RedisAdmission:
         """Seconds until a slot is likely free: the fleet's queue as last seen, at this replica's recent pace."""
         return retry_after(self._fleet_waiting, self.limit, self._mean_seconds)
 
-    async def _run(self, name: str, *args: object) -> list[int]:
+    async def _run(self, name: str, *args: str | int) -> list[int]:
         script: AsyncScript = self._scripts[name]
         try:
             async with asyncio.timeout(REDIS_CALL_TIMEOUT):
@@ -285,7 +309,7 @@ class RedisAdmission:
         self._fleet_waiting = reply[1]
         return reply
 
-    async def _claim(self, name: str, member: str, *args: object) -> list[int]:
+    async def _claim(self, name: str, member: str, *args: str | int) -> list[int]:
         # Shielded: when the caller is cancelled mid-call, the script may still take a slot or place
         # for `member`; it is given back once the call ends, rather than left to its lease.
         call = asyncio.ensure_future(self._run(name, member, *args))

@@ -69,7 +69,8 @@ def run_schemathesis(
 def test_schemathesis_finds_nothing(
     fake_server: RunningServer, log_path: Path, tmp_path: Path, api_keys: str | None
 ) -> None:
-    overrides = {"api_keys": api_keys} if api_keys else {}
+    # An admin key: it reaches every operation, model management included (an ordinary key gets 403 there).
+    overrides = {"admin_keys": api_keys} if api_keys else {}
     settings = make_settings(ollama_base_url=fake_server.url, log_path=log_path, **overrides)
     headers = [f"Authorization: Bearer {api_keys}"] if api_keys else []
     with serve_in_thread(create_app(settings)) as server:

@@ -8,6 +8,7 @@ from starlette.responses import Response
 from app.backends import SupportsPull
 from app.deps import BackendDep
 from app.errors import NotSupported
+from app.model_policy import ModelManagement, check_name
 from app.request_id import request_id_of
 from app.responses import OrjsonResponse, open_event_stream, sse_doc, sse_event
 from app.routes.generate import ERRORS
@@ -58,12 +59,18 @@ _PROGRESS = {
 
 @router.post(
     "/models/pull",
+    dependencies=[ModelManagement],
     responses={
         **{status: ERRORS[status] for status in (401, 413, 422, 502, 503, 504)},
         200: sse_doc(
             "`progress` events, then `done` or `error`.",
             {"progress": _PROGRESS, "done": _PROGRESS, "error": {"$ref": "#/components/schemas/ErrorBody"}},
         ),
+        403: {
+            "model": ErrorBody,
+            "description": "forbidden: pulling needs an admin key (MINIVAULT_ADMIN_KEYS); registry_not_allowed: the "
+            "name names a registry host MINIVAULT_PULL_REGISTRIES does not list",
+        },
         404: {"model": ErrorBody, "description": "model_not_found: Ollama's registry has no such model"},
         501: {"model": ErrorBody, "description": "not_supported: the backend in use cannot pull models."},
     },
@@ -75,8 +82,10 @@ _PROGRESS = {
     },
 )
 async def pull(request: Request, backend: BackendDep) -> Response:
-    """Download a model into Ollama, streaming its progress as Server-Sent Events."""
+    """Download a model into Ollama, streaming its progress as Server-Sent Events (needs an admin key)."""
     body = parse_body(PullRequest, await request.body(), '{"model": "tinyllama:1.1b-chat"}')
+    # The very name that will be sent: a host in it is where Ollama would download from.
+    check_name(request.app.state.settings, body.model)
     if not isinstance(backend, SupportsPull):
         raise NotSupported(
             f"the {backend.name} backend cannot pull models; pulling works with Ollama (MINIVAULT_BACKEND=ollama)"

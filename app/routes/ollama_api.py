@@ -4,7 +4,8 @@ libraries, Open WebUI, editors) can use MiniVault, the embedded engine included.
 
 Generation goes through the service like `/generate` (auth, limits, timeouts, the log with
 `endpoint: "ollama"`, the history). Model management (`/api/pull`, `/api/delete`, ...) only means
-something to a real Ollama: it is passed through to it, and refused with 501 on other backends.
+something to a real Ollama: it is passed through to it, and refused with 501 on other backends. It
+needs an admin key, and the names it sends must pass the registry rules (app.model_policy).
 Errors take Ollama's shape, `{"error": "..."}`.
 """
 
@@ -18,9 +19,10 @@ from starlette.responses import Response, StreamingResponse
 from app.backends import Backend, HostPool, ModelInfo, SupportsForward
 from app.dialects import ollama
 from app.errors import InvalidRequest, ModelNotFound, NotSupported
+from app.model_policy import ModelManagement
 from app.responses import OrjsonResponse
 from app.routes.relay import answer, read_exchange
-from app.schemas import describe_validation_errors
+from app.schemas import describe_validation_errors, reject_non_finite
 
 router = APIRouter(prefix="/api", tags=["Ollama-compatible"])
 
@@ -33,9 +35,11 @@ class OllamaErrorBody(BaseModel):
 
 _DESCRIPTIONS = {
     400: "the body is not valid, or asks for something MiniVault cannot do (the message says which field)",
+    403: "model management needs an admin key (MINIVAULT_ADMIN_KEYS), or the name's registry host is not in "
+    "MINIVAULT_PULL_REGISTRIES, or `insecure`/push is off (MINIVAULT_ALLOW_INSECURE_REGISTRIES, MINIVAULT_ALLOW_PUSH)",
     404: "the model is not there",
     413: "the body is over MINIVAULT_MAX_BODY_BYTES",
-    429: "MiniVault's queue is full (Retry-After says when to retry)",
+    429: "MiniVault's queue is full, or this key holds its share of it (Retry-After says when to retry)",
     501: "the backend is not Ollama, so it has no models to manage",
     502: "the upstream failed",
     503: "the upstream cannot be reached, MiniVault is shutting down, or the model is being pulled",
@@ -187,8 +191,10 @@ async def show(request: Request) -> Response:
     """Details of one model; 404 when the backend does not have it."""
     backend: Backend = request.app.state.backend
     example = '{"model": "llama3"}'
+    raw = await request.body()
+    reject_non_finite(raw)
     try:
-        body = ShowBody.model_validate_json(await request.body() or b"{}")
+        body = ShowBody.model_validate_json(raw or b"{}")
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_errors(exc, example)) from None
     name = body.model
@@ -257,7 +263,10 @@ async def _forwarded(backend: SupportsForward, request: Request) -> Response:
     )
 
 
-# Ollama's model management and embeddings: passed to a real Ollama as they are.
+# Ollama's model management and embeddings: passed to a real Ollama as they are (management: by admin keys).
+_MANAGEMENT = {"/pull", "/push", "/create", "/copy", "/delete"}
+# Whose bodies MiniVault reads for the model names in them: a body it cannot read is a 400 of its own.
+_NAMING = {"/pull", "/push", "/create", "/copy"}
 _FORWARDED = {
     ("POST", "/pull"): ("Download a model", {"model": "tinyllama:1.1b-chat"}),
     ("POST", "/push"): ("Upload a model to a registry", {"model": "me/mymodel:latest"}),
@@ -275,18 +284,21 @@ PASS_THROUGH_TAG = "Ollama pass-through"
 
 async def forward(request: Request) -> Response:
     """Passed on to Ollama; refused with 501 when the backend is not Ollama."""
+    reject_non_finite(await request.body())  # read once: Starlette keeps the body for the forward
     return await _forward(request)
 
 
 @router.head("/blobs/{digest}", summary="Does Ollama have this blob (passed through to Ollama)",
-             responses={"default": _AS_IT_CAME, **_errors(501)}, tags=[PASS_THROUGH_TAG])  # fmt: skip
+             dependencies=[ModelManagement], responses={"default": _AS_IT_CAME, **_errors(403, 501)},
+             tags=[PASS_THROUGH_TAG])  # fmt: skip
 async def blob_exists(digest: Annotated[str, Path(examples=[_DIGEST])], request: Request) -> Response:
     """Passed on to Ollama; refused with 501 when the backend is not Ollama."""
     return await _forward(request)
 
 
 @router.post("/blobs/{digest}", summary="Upload a blob, within MINIVAULT_MAX_BODY_BYTES (passed through to Ollama)",
-             responses={"default": _AS_IT_CAME, **_errors(501)}, tags=[PASS_THROUGH_TAG])  # fmt: skip
+             dependencies=[ModelManagement], responses={"default": _AS_IT_CAME, **_errors(403, 501)},
+             tags=[PASS_THROUGH_TAG])  # fmt: skip
 async def blob_upload(digest: Annotated[str, Path(examples=[_DIGEST])], request: Request) -> Response:
     """Passed on to Ollama; refused with 501 when the backend is not Ollama."""
     return await _forward(request)
@@ -311,8 +323,10 @@ for (_method, _path), (_summary, _example) in _FORWARDED.items():
     _extra = None
     if _example is not None:
         _extra = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}, "example": _example}}}}
+    _statuses = (400, 403, 501) if _path in _NAMING else (403, 501) if _path in _MANAGEMENT else (501,)
     router.add_api_route(
         _path, forward, methods=[_method], summary=f"{_summary} (passed through to Ollama)", openapi_extra=_extra,
-        responses={"default": _AS_IT_CAME, **_errors(501)}, tags=[PASS_THROUGH_TAG],
+        responses={"default": _AS_IT_CAME, **_errors(*_statuses)}, tags=[PASS_THROUGH_TAG],
         name=f"ollama_{_method.lower()}_{_path.strip('/').split('/')[0]}",
+        dependencies=[ModelManagement] if _path in _MANAGEMENT else None,
     )  # fmt: skip
