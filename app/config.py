@@ -505,6 +505,22 @@ def describe_setting_errors(exc: ValidationError) -> str:
         name = str(error["loc"][0]) if error["loc"] else "?"
         env_name = aliases.get(name) or name
         message = error["msg"].removeprefix("Value error, ")
-        shown = "'***'" if "KEY" in str(env_name) else repr(error.get("input"))
+        shown = "'***'" if "KEY" in str(env_name) else redact_url(repr(error.get("input")))
         problems.append(f"{env_name}={shown}: {message}")
     return "invalid setting " + "; ".join(problems)
+
+
+# --- issue 15 §3: credentials in upstream URLs -------------------------------------------------
+
+# `scheme://userinfo@`: the userinfo runs to the last `@` before the path, query, fragment or a space.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/?#\s]*)@")
+
+
+def redact_url(text: str) -> str:
+    """`text` with every URL's password shown as `***` (a lone user name, often a token, too)."""
+
+    def hide(match: re.Match[str]) -> str:
+        user, has_password, _ = match["userinfo"].partition(":")
+        return f"{match['scheme']}{user}:***@" if has_password else f"{match['scheme']}***@"
+
+    return _URL_USERINFO.sub(hide, text)

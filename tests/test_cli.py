@@ -266,5 +266,5 @@ def test_serve_starts_the_api(fake_server: RunningServer, tmp_path: Path) -> Non
         process.terminate()
         process.wait(timeout=30)
         process.stderr.close()  # type: ignore[union-attr]
-    assert health["backend"]["url"] == fake_server.url
+    assert (health["backend"]["name"], health["backend"]["reachable"]) == ("ollama", True)
     assert answer.stdout == "served prompt\n"

@@ -179,7 +179,7 @@ def test_show_is_synthesized_on_the_embedded_engine(embedded: Gateway) -> None:
 
     assert (shown.modelfile, shown.template, shown.capabilities) == ("", "", ["completion"])
     assert shown.details is not None
-    assert Path(raw["details"]["path"]).name == f"{embedded.model}.gguf"
+    assert raw["details"]["file"] == f"{embedded.model}.gguf"  # the file's name, not its path
 
 
 def test_ps_lists_the_loaded_models(gateway: Gateway, client: ollama.Client) -> None:

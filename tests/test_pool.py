@@ -47,15 +47,24 @@ def gateway(urls: list[str], log_path: Path, **overrides: Any) -> Iterator[Runni
     with serve_in_thread(create_app(settings)) as server:
         # Answered once the lifespan has run, so the hosts' first check is behind us.
         assert httpx.get(f"{server.url}/health", timeout=STEP).status_code == 200
+        _UPSTREAMS[server.port] = urls
         yield server
 
 
+# /health names each host by its label (host-1, host-2, ... in the configured order), never by URL.
+_UPSTREAMS: dict[int, list[str]] = {}
+
+
+def _by_url(server: RunningServer, listed: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {_UPSTREAMS[server.port][int(host["host"].removeprefix("host-")) - 1]: host for host in listed}
+
+
 def hosts(server: RunningServer) -> dict[str, dict[str, Any]]:
-    return {host["url"]: host for host in httpx.get(f"{server.url}/health").json()["hosts"]}
+    return _by_url(server, httpx.get(f"{server.url}/health").json()["hosts"])
 
 
 async def ahosts(client: httpx.AsyncClient, server: RunningServer) -> dict[str, dict[str, Any]]:
-    return {host["url"]: host for host in (await client.get(f"{server.url}/health")).json()["hosts"]}
+    return _by_url(server, (await client.get(f"{server.url}/health")).json()["hosts"])
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
@@ -232,9 +241,9 @@ def test_fleet_is_described_per_host_and_a_model_no_host_has_is_404_listing_the_
     for response, status in ((health, "ok"), (ready, "ready")):
         assert (response.status_code, response.json()["status"]) == (200, status)
         assert response.json()["hosts"] == [
-            {"url": url, "state": "ok", "models": sorted(fake.models), "loaded": [fake.models[0]], "in_flight": 0,
-             "reason": None}
-            for url, fake in zip(urls, fakes, strict=True)
+            {"host": f"host-{number}", "state": "ok", "models": sorted(fake.models), "loaded": [fake.models[0]],
+             "in_flight": 0, "reason": None}
+            for number, fake in enumerate(fakes, 1)
         ]  # fmt: skip
     assert metric(text, "minivault_host_requests_total", host=urls[2], outcome="ok") == 1
     assert metric(text, "minivault_host_in_flight", host=urls[2]) == 0
@@ -344,7 +353,7 @@ async def test_a_dead_host_fails_over_before_the_first_token_and_is_cooled_down(
     assert metric(text, "minivault_host_requests_total", host=dead.url, outcome="failed") == 1
     assert sum(metric(text, "minivault_host_requests_total", host=url, outcome="ok") or 0 for url in urls) == 6
     assert state[dead.url]["state"] == "cooling"
-    assert f"cannot reach Ollama at {dead.url}" in state[dead.url]["reason"]
+    assert "cannot reach Ollama at host-1" in state[dead.url]["reason"]
     assert [state[url]["state"] for url in urls] == ["ok", "ok"]
     lines = read_log(log_path)
     assert len(lines) == len({line["id"] for line in lines}) == 6
@@ -410,10 +419,12 @@ def test_no_healthy_host_at_all_is_503_naming_every_url(log_path: Path) -> None:
     assert all(f"{url} (Ollama at {url} does not answer its checks" in error["message"] for url in urls)
     assert (models.status_code, models.json()["error"]["code"]) == (503, "backend_unavailable")
     assert ready.status_code == 503
-    assert [(h["url"], h["state"], h["models"], h["in_flight"]) for h in ready.json()["hosts"]] == [
-        (url, "down", [], 0) for url in urls
+    labels = ["host-1", "host-2"]
+    assert [(h["host"], h["state"], h["models"], h["in_flight"]) for h in ready.json()["hosts"]] == [
+        (label, "down", [], 0) for label in labels
     ]
-    assert all(url in ready.json()["reason"] for url in urls)
+    assert not any(url.removeprefix("http://") in ready.text for url in urls)  # open to anyone: labels, not URLs
+    assert all(f"{label}: Ollama at {label} does not answer" in ready.json()["reason"] for label in labels)
 
 
 # --- failures after the first token: never retried --------------------------------------------------------

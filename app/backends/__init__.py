@@ -22,13 +22,14 @@ from app.backends.base import (
     SupportsForward,
     SupportsPull,
     Upstream,
+    split_credentials,
 )
 from app.backends.embedded import EmbeddedBackend, EmbeddedEngine, bundled_model_path, default_threads, engine_installed
 from app.backends.ollama import OllamaBackend
 from app.backends.openai_compat import OpenAICompatBackend
 from app.backends.pool import HostPool, PoolObserver
 from app.backends.transport import pooled_client
-from app.config import Settings
+from app.config import Settings, redact_url
 from app.errors import MiniVaultError
 
 __all__ = [
@@ -76,16 +77,20 @@ async def _open_pool(
     )
     await pool.start()
     stack.push_async_callback(pool.aclose)
-    states = ", ".join(f"{h['url']} {h['state']}" for h in pool.hosts_status())
+    # The log names each host's label next to its URL: /health shows only the label.
+    states = ", ".join(
+        f"{label}={url} {h['state']}" for h, (url, label) in zip(pool.hosts_status(), pool.host_labels(), strict=True)
+    )
     logger.info("%d %s hosts, routing %s: %s", len(urls), choice, settings.routing, states)
     return pool
 
 
 async def _auto_choice(settings: Settings) -> str:
-    url = settings.ollama_base_url
+    plain, auth = split_credentials(settings.ollama_base_url)
+    url = redact_url(settings.ollama_base_url)
     try:
-        async with httpx.AsyncClient(timeout=settings.health_timeout) as client:
-            (await client.get(f"{url}/api/version")).raise_for_status()
+        async with httpx.AsyncClient(timeout=settings.health_timeout, headers=auth) as client:
+            (await client.get(f"{plain}/api/version")).raise_for_status()
         logger.info("Ollama answers at %s; serving with it", url)
         return "ollama"
     except httpx.HTTPError:
@@ -106,15 +111,24 @@ async def _auto_choice(settings: Settings) -> str:
 
 
 async def _open_ollama(settings: Settings, stack: AsyncExitStack) -> Backend:
-    client = await stack.enter_async_context(pooled_client(settings, settings.ollama_base_url))
-    return OllamaBackend(client, settings.ollama_base_url, settings.ollama_model)
+    # `user:password@` in the URL goes as basic auth; everything that prints the URL gets it redacted.
+    plain, auth = split_credentials(settings.ollama_base_url)
+    client = await stack.enter_async_context(pooled_client(settings, plain, auth))
+    return OllamaBackend(client, redact_url(settings.ollama_base_url), settings.ollama_model)
 
 
 async def _open_openai(settings: Settings, stack: AsyncExitStack) -> Backend:
-    url = settings.openai_base_url
+    url = redact_url(settings.openai_base_url)
+    plain, headers = split_credentials(settings.openai_base_url)
     key = settings.openai_api_key
-    headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else None
-    client = await stack.enter_async_context(pooled_client(settings, url, headers))
+    if key and headers:
+        raise RuntimeError(
+            f"OPENAI_BASE_URL={url} carries user:password@ and OPENAI_API_KEY is set: a request has one "
+            "Authorization header, so keep only one of them"
+        )
+    if key:
+        headers = {"Authorization": f"Bearer {key.get_secret_value()}"}
+    client = await stack.enter_async_context(pooled_client(settings, plain, headers))
     upstream = Upstream(
         "the OpenAI-compatible server",
         url,
@@ -150,7 +164,7 @@ async def _open_embedded(settings: Settings, stack: AsyncExitStack) -> Backend:
         settings.embedded_parallel,
         engine.address,
     )
-    client = await stack.enter_async_context(pooled_client(settings, engine.address))
+    client = await stack.enter_async_context(pooled_client(settings, engine.address, engine.client_headers()))
     return EmbeddedBackend(client, engine)
 
 

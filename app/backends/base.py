@@ -1,5 +1,6 @@
 """The interface every upstream implements, and the helpers their wire formats share."""
 
+import base64
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
@@ -126,6 +127,19 @@ class Upstream:
     label: str
     url: str
     start_hint: str
+
+
+def split_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without its `user:password@`, and the HTTP basic-auth header that carries them instead.
+
+    Kept out of the client's URL: httpx turns them into a header itself, which aiohttp then refuses
+    next to the credentials still in the URL (every prompt a 500), and a URL travels into messages and logs.
+    """
+    parsed = httpx.URL(url)
+    if not parsed.userinfo:
+        return url, {}
+    token = base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode("ascii")
+    return str(parsed.copy_with(userinfo=b"")), {"Authorization": f"Basic {token}"}
 
 
 class HttpBackend:

@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ class EmbeddedEngine:
         self._threads = threads
         self._server: Any = None
         self.address = ""
+        # Only MiniVault's client knows it: anything else on this machine that finds the port gets 401,
+        # so no prompt bypasses MiniVault's keys, queue, rate limit and log.
+        self.api_key = secrets.token_urlsafe(32)
 
     def start(self) -> str:
         """Load the model and start llama.cpp's server; returns its base URL."""
@@ -69,9 +73,19 @@ class EmbeddedEngine:
         params.cpuparams_batch.n_threads = self._threads
         params.ui = False
         params.verbosity = 0
+        params.api_keys = [self.api_key]
+        # llama.cpp answers every origin with Access-Control-Allow-Origin by default; allow none, so no
+        # web page can even read the 401.
+        params.cors_origins = ""
+        params.cors_origins_explicit = True
+        params.cors_credentials = False
         self._server = xllamacpp.Server(params)
         self.address = self._server.listening_address
         return self.address
+
+    def client_headers(self) -> dict[str, str]:
+        """What MiniVault's client sends on every request to the engine: its per-process key."""
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     def stop(self) -> None:
         """Stop the server and free the model's memory."""
@@ -89,7 +103,7 @@ class EmbeddedBackend(OpenAICompatBackend):
             "the in-process llama.cpp server stopped; restart MiniVault and check its log",
         )
         super().__init__(client, engine.address, engine.model_name, name="embedded", upstream=upstream)
-        self._engine = engine
+        self.engine = engine
 
     def check_model(self, model: str) -> None:
         if model != self.default_model:
@@ -99,8 +113,9 @@ class EmbeddedBackend(OpenAICompatBackend):
             )
 
     async def list_models(self) -> list[ModelInfo]:
-        path = self._engine.model_path
-        return [ModelInfo(name=self.default_model, size=path.stat().st_size, details={"path": str(path)})]
+        path = self.engine.model_path
+        # The file's name, never its path: the listing reaches every key holder.
+        return [ModelInfo(name=self.default_model, size=path.stat().st_size, details={"file": path.name})]
 
 
 def default_threads() -> int:

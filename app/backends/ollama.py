@@ -33,6 +33,8 @@ class OllamaBackend(HttpBackend):
 
     name = "ollama"
     _busy_hint = ", or raise OLLAMA_MAX_QUEUE"
+    # Ollama itself has no auth: a 401 comes from a proxy in front of it, which takes basic auth from the URL.
+    _credentials_hint = "; put the proxy's user:password@ in OLLAMA_BASE_URL"
 
     def __init__(self, client: httpx.AsyncClient, url: str, default_model: str) -> None:
         upstream = Upstream(

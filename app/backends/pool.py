@@ -70,6 +70,8 @@ class Host:
     """One upstream and what the pool knows of it."""
 
     backend: HostBackend
+    # What /health and /ready call it: its place in the configured list, never its URL.
+    label: str = ""
     healthy: bool = False
     checked: bool = False
     reason: str | None = "not checked yet"
@@ -118,7 +120,7 @@ class HostPool:
         observer: PoolObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.hosts = [Host(backend) for backend in hosts]
+        self.hosts = [Host(backend, f"host-{number}") for number, backend in enumerate(hosts, 1)]
         self.name = hosts[0].name
         self.url = ",".join(host.url for host in self.hosts)
         self.default_model = default_model
@@ -298,11 +300,11 @@ class HostPool:
         return BackendStatus(True, False, f"no healthy host has model '{self.default_model}'")
 
     def hosts_status(self) -> list[dict[str, Any]]:
-        """Each host as /health and /ready show it."""
+        """Each host as /health and /ready show it: by its label, not its URL (they replace URLs in `reason`)."""
         now = self._clock()
         return [
             {
-                "url": host.url,
+                "host": host.label,
                 "state": host.state(now),
                 "models": sorted(host.names),
                 "loaded": sorted(host.loaded),
@@ -311,6 +313,10 @@ class HostPool:
             }  # fmt: skip
             for host in self.hosts
         ]
+
+    def host_labels(self) -> list[tuple[str, str]]:
+        """Each host's URL (password redacted) and its label, in the configured order."""
+        return [(host.url, host.label) for host in self.hosts]
 
     async def pull(self, model: str) -> AsyncGenerator[dict[str, Any], None]:
         """Pull `model` on every healthy host in turn; each event names its host."""

@@ -2,11 +2,13 @@
 
 from typing import Any
 
+import httpx
 from fastapi import APIRouter, Request
 
 from app import __version__
 from app.backends import Backend, BackendStatus, HostPool
 from app.bootstrap import ModelBootstrap
+from app.config import redact_url
 from app.deps import BackendDep, LogDep, ProbeDep
 from app.interactions import JsonlWriter
 from app.responses import OrjsonResponse
@@ -14,26 +16,52 @@ from app.responses import OrjsonResponse
 router = APIRouter()
 
 
+# /health and /ready are open to anyone, so they name the upstream by the setting that locates it,
+# never by its URL (the embedded engine's is its private loopback port).
+_URL_LABELS = {"ollama": "OLLAMA_BASE_URL", "openai": "OPENAI_BASE_URL", "embedded": "its loopback port"}
+
+
+def _labels(backend: Backend) -> list[tuple[str, str]]:
+    """Each upstream URL and what open endpoints call it instead, with its bare `host:port` too."""
+    pairs = backend.host_labels() if isinstance(backend, HostPool) else [
+        (backend.url, _URL_LABELS.get(backend.name, "its URL"))
+    ]  # fmt: skip
+    # Transport errors name the bare `host:port` ("Cannot connect to host 127.0.0.1:11434"); a name
+    # without a port is too likely to be an ordinary word to replace.
+    netlocs = [(netloc, label) for url, label in pairs if ":" in (netloc := httpx.URL(url).netloc.decode())]
+    found = [(url, label) for url, label in pairs + netlocs if url]
+    return sorted(found, key=lambda pair: len(pair[0]), reverse=True)  # a longer one may contain a shorter
+
+
+def public_text(text: str | None, backend: Backend) -> str | None:
+    """`text` fit for an unauthenticated caller: upstream URLs replaced by labels, any password redacted."""
+    if text is None:
+        return None
+    for url, label in _labels(backend):
+        text = text.replace(url, label)
+    return redact_url(text)
+
+
 def _body(status: str, backend: Backend, probe: BackendStatus, log: JsonlWriter) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "status": status,
         "version": __version__,
         "backend": {
             "name": backend.name,
-            "url": backend.url,
             "model": backend.default_model,
             "reachable": probe.reachable,
             "model_available": probe.model_available,
         },
         "log": log.state,
-        **({"hosts": backend.hosts_status()} if isinstance(backend, HostPool) else {}),
     }
+    if isinstance(backend, HostPool):
+        body["hosts"] = [{**host, "reason": public_text(host["reason"], backend)} for host in backend.hosts_status()]
+    return body
 
 
 _HEALTH_EXAMPLE = {
     "status": "ok", "version": "0.2.0",
-    "backend": {"name": "ollama", "url": "http://localhost:11434", "model": "tinyllama:1.1b-chat", "reachable": True,
-                "model_available": True},
+    "backend": {"name": "ollama", "model": "tinyllama:1.1b-chat", "reachable": True, "model_available": True},
     "log": "ok",
 }  # fmt: skip
 
@@ -63,6 +91,8 @@ async def ready(request: Request, backend: BackendDep, probe: ProbeDep, log: Log
     if bootstrap is not None and (pending := bootstrap.readiness()) is not None:
         body = _body(pending.pop("status"), backend, status, log)
         body.update(pending)
+        if isinstance(body.get("message"), str):
+            body["message"] = public_text(body["message"], backend)  # a failed pull's error names the upstream
         return OrjsonResponse(body, status_code=503)
     warm_up = request.app.state.loading
     if warm_up is not None and not warm_up.done():
@@ -73,5 +103,5 @@ async def ready(request: Request, backend: BackendDep, probe: ProbeDep, log: Log
     if status.reachable and status.model_available:
         return OrjsonResponse(_body("ready", backend, status, log))
     body = _body("unavailable", backend, status, log)
-    body["reason"] = status.reason
+    body["reason"] = public_text(status.reason, backend)
     return OrjsonResponse(body, status_code=503)
