@@ -12,7 +12,7 @@ import httpx
 import typer
 from httpx_sse import connect_sse
 
-from app.commands.common import DEFAULT_URL, ApiKey, Url, client, error_message, fail, json_or_fail
+from app.commands.common import DEFAULT_URL, ApiKey, Url, client, error_message, fail, json_or_fail, say
 from app.commands.generate import parse_options
 
 commands = typer.Typer()
@@ -81,8 +81,9 @@ def _start(opened: httpx.Client, system: str | None) -> str:
 
 
 def _resume(opened: httpx.Client, conversation_id: str) -> str:
-    found = json_or_fail(opened.get(f"/conversations/{conversation_id}"))
-    typer.echo(f"resuming {found['title'] or conversation_id}: {len(found['turns'])} turns so far")
+    # One turn is enough: turn_count counts them all, however many pages they fill.
+    found = json_or_fail(opened.get(f"/conversations/{conversation_id}", params={"limit": 1}))
+    say(f"resuming {found['title'] or conversation_id}: {found['turn_count']} turns so far")
     return conversation_id
 
 
@@ -90,12 +91,12 @@ def _answer(opened: httpx.Client, body: dict[str, Any]) -> None:
     with connect_sse(opened, "POST", "/generate", json=body) as source:
         if not source.response.is_success:
             source.response.read()
-            typer.echo(f"minivault: {error_message(_json(source.response), source.response.status_code)}", err=True)
+            say(f"minivault: {error_message(_json(source.response), source.response.status_code)}", err=True)
             return
         for event in source.iter_sse():
             data = json.loads(event.data)
             if event.event == "token":
-                typer.echo(data["content"], nl=False)
+                say(data["content"], nl=False)  # the model's answer can carry escapes as well as a prompt
             elif event.event == "queued":
                 typer.echo(f"(queued: number {data['position']} in line for the model)", err=True)
             elif event.event == "done":
@@ -103,7 +104,7 @@ def _answer(opened: httpx.Client, body: dict[str, Any]) -> None:
                 return
             elif event.event == "error":
                 typer.echo()
-                typer.echo(f"minivault: {error_message(data, 200)}", err=True)
+                say(f"minivault: {error_message(data, 200)}", err=True)
                 return
     fail("the stream ended without a final event")
 

@@ -23,9 +23,32 @@ LogPath = Annotated[
 ]
 
 
+# What a terminal acts on instead of showing: the C0 controls but newline and tab, DEL and the C1 controls
+# (ESC starts sequences that retitle the window, clear the screen or move the cursor; U+009B is a one-character
+# CSI). Text from the server or the log (a prompt, a model's answer, an error message) is printed with them
+# as visible `\xNN`, and JSON output keeps its values exactly, with `\u00NN` for those json.dumps leaves raw.
+_SHOWN = {code: f"\\x{code:02x}" for code in (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0))}
+_JSON_SHOWN = {code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)}
+
+
+def visible(text: str) -> str:
+    """`text` safe to print on a terminal: control characters other than newline and tab shown as `\\xNN`."""
+    return text.translate(_SHOWN)
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """`value` as JSON safe to print on a terminal: every control character escaped, the values unchanged."""
+    return json.dumps(value, ensure_ascii=False, indent=indent).translate(_JSON_SHOWN)
+
+
+def say(text: str, *, nl: bool = True, err: bool = False) -> None:
+    """Print text that came from the server or the log, control characters made visible."""
+    typer.echo(visible(text), nl=nl, err=err)
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    """End the program with one line on stderr."""
-    typer.echo(f"minivault: {message}", err=True)
+    """End the program with one line on stderr (the message may quote the server, so it is made visible)."""
+    say(f"minivault: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -81,4 +104,4 @@ def get(url: str, api_key: str | None, path: str) -> Any:
 
 
 def print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, ensure_ascii=False, indent=2))
+    typer.echo(json_text(value, indent=2))

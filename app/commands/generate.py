@@ -8,7 +8,7 @@ import httpx
 import typer
 from httpx_sse import connect_sse
 
-from app.commands.common import DEFAULT_URL, ApiKey, Url, client, error_message, fail, json_or_fail, print_json
+from app.commands.common import DEFAULT_URL, ApiKey, Url, client, error_message, fail, json_or_fail, print_json, say
 
 commands = typer.Typer()
 
@@ -50,7 +50,7 @@ def generate(
     if as_json:
         print_json(result)
     else:
-        typer.echo(result["response"])
+        say(result["response"])
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -76,7 +76,8 @@ def _stream_answer(opened: httpx.Client, body: dict[str, Any]) -> dict[str, Any]
         for event in source.iter_sse():
             data = json.loads(event.data)
             if event.event == "token":
-                typer.echo(data["content"], nl=False)
+                # Shown like the log shows it later: a model can be led to answer with terminal escapes.
+                say(data["content"], nl=False)
             elif event.event == "done":
                 typer.echo()
                 return data

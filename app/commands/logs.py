@@ -4,11 +4,11 @@ The log readers (app.interactions.reader) are imported where they are used: they
 which would add a tenth of a second to every `minivault "prompt"`.
 """
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, NoReturn, get_args
 
 import httpx
 import typer
@@ -23,7 +23,10 @@ from app.commands.common import (
     Url,
     fail,
     json_or_fail,
+    json_text,
     open_client,
+    say,
+    visible,
 )
 
 commands = typer.Typer(
@@ -106,6 +109,25 @@ def _parse_time(text: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _one_of(literal: str) -> Callable[[str | None], str | None]:
+    """A parser accepting the values of app.schemas' `literal`, the API's own list, so the two never drift.
+
+    app.schemas is imported only when the option is given: it brings in pydantic (see the module's docstring).
+    """
+
+    def parse(value: str | None) -> str | None:
+        if value is None:
+            return None
+        from app import schemas
+
+        allowed = get_args(getattr(schemas, literal))
+        if value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
 def _time_option(value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -133,8 +155,22 @@ def search(
         str, typer.Argument(help="Words to find (full-text via the API; a case-insensitive substring in the files).")
     ],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Only this model.")] = None,
-    status: Annotated[Literal["ok", "error", "cancelled"] | None, typer.Option(help="Only this outcome.")] = None,
-    endpoint: Annotated[Literal["rest", "sse", "ws"] | None, typer.Option(help="Only this endpoint.")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            parser=_one_of("Status"),
+            metavar="<status>",
+            help="Only this outcome, as the log and the API name it (a wrong one is refused with the list).",
+        ),
+    ] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            parser=_one_of("Endpoint"),
+            metavar="<endpoint>",
+            help="Only this endpoint, as the log and the API name it (a wrong one is refused with the list).",
+        ),
+    ] = None,
     since: Since = None,
     until: Until = None,
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="Show at most N matches.")] = 50,
@@ -289,21 +325,22 @@ def _print_line(line: bytes, as_json: bool) -> None:
 
 def _print_record(record: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(record, ensure_ascii=False))
+        typer.echo(json_text(record))
         return
     latency = record.get("latency_ms")
     status = record.get("status", "?")
     if record.get("error"):
         status += f" ({record['error'].get('code')})"
-    typer.echo(
+    # Every field is as the log holds it, which is what clients sent: control characters are shown, not obeyed.
+    say(
         f"{record.get('ts', '?')}  {record.get('id', '?')}  {record.get('endpoint', '?')}  {status}  "
         f"{record.get('backend', '?')}/{record.get('model', '?')}  "
         f"{'-' if latency is None else f'{latency:.0f} ms'}  {record.get('completion_tokens') or 0} tok"
     )
-    typer.echo(f"  > {_clip(record.get('prompt'))}")
-    typer.echo(f"  < {_clip(record.get('response'))}")
+    say(f"  > {_clip(record.get('prompt'))}")
+    say(f"  < {_clip(record.get('response'))}")
 
 
 def _clip(text: object, width: int = 100) -> str:
-    flat = " ".join(str(text or "").split())
+    flat = visible(" ".join(str(text or "").split()))
     return flat if len(flat) <= width else flat[: width - 1] + "…"

@@ -1,6 +1,7 @@
 """Ollama's wire format: the bodies of `/api/generate` and `/api/chat`, their translation into a
 `ChatInput`, and the NDJSON lines and final objects (with `done_reason` and the durations) Ollama answers."""
 
+import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.backends import ChatInput, ModelInfo
 from app.core import Exchange
 from app.errors import InvalidRequest, MiniVaultError
-from app.schemas import Options, describe_validation_errors
+from app.schemas import Options, describe_validation_errors, reject_non_finite
 
 # The Ollama release whose API MiniVault answers, reported by /api/version when the backend is not
 # Ollama (with Ollama, its own version is passed on).
@@ -109,6 +110,7 @@ _REFUSED_IN_MESSAGES = {
 def _validate(model: type[B], raw: bytes, example: str) -> B:
     if not raw.strip():
         raise InvalidRequest(f"the body is empty: send a JSON object like {example}")
+    reject_non_finite(raw)  # pydantic would take 1e999 and NaN, also in the fields passed on as they are
     try:
         body = model.model_validate_json(raw)
     except ValidationError as exc:
@@ -227,5 +229,16 @@ def tag(info: ModelInfo) -> dict[str, Any]:
     """One model as `/api/tags` lists it."""
     return {
         "name": info.name, "model": info.name, "modified_at": info.modified_at, "size": info.size or 0,
-        "digest": "", "details": info.details,
+        "digest": model_digest(info), "details": info.details,
     }  # fmt: skip
+
+
+def model_digest(info: ModelInfo) -> str:
+    """A digest of the model's own, 64 hex digits as Ollama shows: sha256 of its name and size.
+
+    Clients group models by digest (llm-ollama lists models sharing one as aliases and sends the first
+    one's name), so each needs its own. The name is unique in a listing (a pool merges its hosts' by
+    name) and is the GGUF file's for the embedded engine, whose size then tells a replaced file apart;
+    none of it changes on a restart or with the hosts that are up (their URLs and ports are left out).
+    """
+    return hashlib.sha256(orjson.dumps([info.name, info.size])).hexdigest()
