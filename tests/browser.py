@@ -42,8 +42,9 @@ FLAGS = (
 )
 
 
-def start_chromium(profile: Path) -> WebDriver:
-    """A fresh headless Chromium with its own profile folder, recording the console for `console_errors`."""
+def start_chromium(profile: Path, host_rules: str | None = None) -> WebDriver:
+    """A fresh headless Chromium with its own profile folder, recording the console for `console_errors`;
+    `host_rules` replaces the `--host-resolver-rules` flag (to map a made-up name to loopback)."""
     for program in (CHROMIUM, CHROMEDRIVER):
         if not Path(program).is_file():
             raise RuntimeError(
@@ -52,7 +53,7 @@ def start_chromium(profile: Path) -> WebDriver:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in FLAGS:
-        options.add_argument(flag)
+        options.add_argument(host_rules if host_rules and flag.startswith("--host-resolver-rules=") else flag)
     options.add_argument(f"--user-data-dir={profile}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)

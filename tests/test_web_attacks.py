@@ -21,8 +21,6 @@ import anyio
 import httpx
 import orjson
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from starlette.applications import Starlette
@@ -36,7 +34,7 @@ from websockets.typing import Origin
 from app.edge import WebGuardMiddleware
 from app.main import create_app
 from app.request_id import RequestIdMiddleware
-from tests.browser import CHROMEDRIVER, CHROMIUM, FLAGS
+from tests.browser import start_chromium
 from tests.conftest import make_settings, read_log
 from tests.fake_ollama import FakeOllama
 from tests.servers import RunningServer, serve_in_thread
@@ -178,18 +176,7 @@ def attacker() -> Iterator[RunningServer]:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     """Headless Chromium as tests/browser.py starts it, but with `rebind.test` resolving to 127.0.0.1."""
-    for program in (CHROMIUM, CHROMEDRIVER):
-        if not Path(program).is_file():
-            raise RuntimeError(
-                f"{program} is missing: run `make system-deps` as root (Debian chromium chromium-driver)"
-            )
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS:
-        options.add_argument(RESOLVER_RULES if flag.startswith("--host-resolver-rules=") else flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('attack-profile')}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver = start_chromium(tmp_path_factory.mktemp("attack-profile"), RESOLVER_RULES)
     driver.set_script_timeout(WAIT)
     try:
         yield driver
