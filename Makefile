@@ -46,6 +46,7 @@ run: $(VENV)/.runtime
 lint: $(VENV)/.dev
 	$(BIN)/ruff check app tests bench
 	$(BIN)/ruff format --check app tests bench
+	$(BIN)/mypy
 
 test: lint node_modules/.installed system-deps
 	$(BIN)/python -m pytest

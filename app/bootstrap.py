@@ -153,7 +153,7 @@ class ModelBootstrap:
         if self.phase != "failed":
             self.phase = "pulling"
         logger.info("auto-pull: %s is not in Ollama; pulling it (try %d)", self.model, self.pulls)
-        async with aclosing(self.backend.pull(self.model)) as events:  # type: ignore[attr-defined]
+        async with aclosing(self.backend.pull(self.model)) as events:
             async for event in events:
                 self._track(event)
         logger.info("auto-pull: %s pulled (%s)", self.model, _size(self.total))

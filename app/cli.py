@@ -15,8 +15,8 @@ if not __package__:
     sys.path[0] = str(_Path(__file__).resolve().parent.parent)
 
 try:
-    import click
     import typer
+    from typer import _click  # typer vendors click (0.29+): TyperGroup.parse_args takes its Context
     from typer.core import TyperGroup
 
     from app.commands import chat, generate, logs, server
@@ -35,7 +35,7 @@ except ModuleNotFoundError as _missing:
 class _PromptFirst(TyperGroup):
     """A first word that is not a command is a prompt: `minivault "hi"` runs `minivault generate "hi"`."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: _click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["generate", *args]
         return super().parse_args(ctx, args)

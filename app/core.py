@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from app.admission import AdmissionControl
 from app.backends import Backend, ChatInput, Completion
@@ -175,7 +175,10 @@ class Exchange:
         )
 
 
-def _cut(text: str | None) -> str | None:
+_Text = TypeVar("_Text", str, str | None)
+
+
+def _cut(text: _Text) -> _Text:
     return text[:REFUSED_TEXT_CHARS] if text is not None and len(text) > REFUSED_TEXT_CHARS else text
 
 

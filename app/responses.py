@@ -1,7 +1,7 @@
 """Response helpers: orjson bodies, Server-Sent Event streams, and racing work against the client hanging up."""
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -29,7 +29,7 @@ OLLAMA_PREFIX = "/api/"
 
 
 def error_response(
-    error: MiniVaultError, request_id: str, headers: dict[str, str] | None = None, path: str = ""
+    error: MiniVaultError, request_id: str, headers: Mapping[str, str] | None = None, path: str = ""
 ) -> OrjsonResponse:
     """The one HTTP rendering of an error: its status, its body in the dialect of `path`, and its headers.
 

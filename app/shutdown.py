@@ -31,7 +31,8 @@ def install_drain(service: GenerationService, grace: float) -> Callable[[], None
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     loop = asyncio.get_running_loop()
-    previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+    # Keyed by int: a handler is given the signal number as an int (Signals is an IntEnum, so the keys match).
+    previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     tasks: set[asyncio.Task[None]] = set()
 
     def handler(sig: int, frame: FrameType | None) -> None:

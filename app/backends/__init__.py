@@ -46,7 +46,7 @@ async def open_backend(settings: Settings, stack: AsyncExitStack, observer: Pool
     With several hosts (OLLAMA_BASE_URLS, OPENAI_BASE_URLS) it is a HostPool of one backend per host,
     whose traffic per host `observer` is told of.
     """
-    choice = settings.backend
+    choice: str = settings.backend
     if choice == "auto":
         if settings.ollama_base_urls:
             choice = "ollama"  # a fleet is never replaced by the embedded engine

@@ -82,7 +82,7 @@ class Backend(Protocol):
     url: str
     default_model: str
 
-    def stream(self, chat: ChatInput, completion: Completion) -> AsyncIterator[str]:
+    def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[str, None]:
         """Yield the answer's text chunks as they arrive; raise MiniVaultError subclasses on failure.
 
         Closing the iterator early must close the upstream request, so generation stops.

@@ -2,7 +2,7 @@
 streamed as NDJSON; `/api/tags` for models and `/api/pull` for downloads."""
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -42,7 +42,7 @@ class OllamaBackend(HttpBackend):
         )
         super().__init__(client, url, default_model, upstream)
 
-    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncIterator[str]:
+    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[str, None]:
         """Yield text chunks as Ollama produces them; closing the iterator closes the upstream request."""
         if chat.conversation:
             path, payload = "/api/chat", {"model": chat.model, "messages": list(chat.messages), "stream": True}

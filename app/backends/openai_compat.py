@@ -3,7 +3,7 @@
 `POST /v1/chat/completions` with `stream: true`, read as Server-Sent Events.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -50,7 +50,7 @@ class OpenAICompatBackend(HttpBackend):
         super().__init__(client, url, default_model, upstream)
         self.name = name
 
-    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncIterator[str]:
+    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[str, None]:
         """Yield content deltas as they arrive; closing the iterator closes the upstream request."""
         self.check_model(chat.model)
         label = self._upstream.label

@@ -256,6 +256,7 @@ def _set_idle_expiry(transport: httpx.AsyncBaseTransport, seconds: float, previo
     pool._keepalive_expiry = seconds  # private: given to each connection it opens from now on
     sooner = 0.0 if previous is None else max(0.0, previous - seconds)
     for connection in pool.connections:
+        level: Any  # a connection or the HTTP/1.1 or HTTP/2 one inside it; their private attributes are probed
         for level in (connection, getattr(connection, "_connection", None)):
             if level is None or not hasattr(level, "_keepalive_expiry"):
                 continue

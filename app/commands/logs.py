@@ -85,7 +85,10 @@ class _Filters:
 
     def params(self) -> dict[str, str]:
         values = {"model": self.model, "status": self.status, "endpoint": self.endpoint}
-        values |= {"since": self.since and self.since.isoformat(), "until": self.until and self.until.isoformat()}
+        values |= {
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+        }
         return {name: value for name, value in values.items() if value is not None}
 
     def match(self, record: dict[str, Any]) -> bool:

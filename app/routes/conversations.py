@@ -16,11 +16,13 @@ from app.store import Conversation
 router = APIRouter(prefix="/conversations", tags=["conversations"])
 
 _ID = r"^[A-Za-z0-9._:\-]{1,128}$"
-_NOT_FOUND = {
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "not_found: no conversation with that id (or it is another key's)"}
 }
 _CURSOR = r"^[0-9]{1,18}$"
-_OFF = {422: {"model": ErrorBody, "description": "invalid_request; also when MINIVAULT_LOG_PROMPTS=false"}}
+_OFF: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "invalid_request; also when MINIVAULT_LOG_PROMPTS=false"}
+}
 
 
 class NewConversation(BaseModel):
@@ -28,7 +30,9 @@ class NewConversation(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{"system": "Be brief."}]})
 
-    system: str | None = Field(None, description="System prompt for every turn, unless a prompt brings its own.")
+    system: str | None = Field(
+        default=None, description="System prompt for every turn, unless a prompt brings its own."
+    )
 
 
 class TurnOut(BaseModel):
@@ -38,11 +42,11 @@ class TurnOut(BaseModel):
     ts: str
 
 
-_CONVERSATION_EXAMPLE = {
+_CONVERSATION_EXAMPLE: dict[str, Any] = {
     "id": "4f1c2b7e9a0d4e5f8a6b3c2d1e0f9a8b", "title": "Why is the sky blue?", "system": "Be brief.",
     "created": "2026-11-29T21:40:56.445Z", "updated": "2026-11-29T21:41:10.002Z",
 }  # fmt: skip
-_TURN_EXAMPLE = {
+_TURN_EXAMPLE: dict[str, Any] = {
     "prompt": "Why is the sky blue?", "response": "Air scatters blue light the most.",
     "exchange_id": "5f0c3f7e2b9d4c3e8a1b2c3d4e5f6a7b", "ts": "2026-11-29T21:41:09.120Z",
 }  # fmt: skip

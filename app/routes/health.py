@@ -59,7 +59,7 @@ def _body(status: str, backend: Backend, probe: BackendStatus, log: JsonlWriter)
     return body
 
 
-_HEALTH_EXAMPLE = {
+_HEALTH_EXAMPLE: dict[str, object] = {
     "status": "ok", "version": "0.2.0",
     "backend": {"name": "ollama", "model": "tinyllama:1.1b-chat", "reachable": True, "model_available": True},
     "log": "ok",

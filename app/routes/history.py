@@ -6,7 +6,7 @@ an admin key (MINIVAULT_ADMIN_KEYS), or anyone when auth is off, sees them all.
 
 import re
 from datetime import UTC, date, datetime, time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -21,7 +21,7 @@ from app.store.sqlite_history import CURSOR_PATTERN, PAIRED_QUOTES, RANK_WINDOW
 
 router = APIRouter(prefix="/history", tags=["history"])
 
-_RECORD_EXAMPLE = {
+_RECORD_EXAMPLE: dict[str, Any] = {
     "id": "5f0c3f7e2b9d4c3e8a1b2c3d4e5f6a7b", "ts": "2026-11-29T21:40:56.445Z", "endpoint": "rest",
     "client": "127.0.0.1:58936", "key_id": None, "conversation_id": None, "backend": "ollama",
     "model": "tinyllama:1.1b-chat", "prompt": "Explain gravity in one sentence.", "system": None,
@@ -29,11 +29,11 @@ _RECORD_EXAMPLE = {
     "prompt_chars": 32, "response_chars": 63, "status": "ok", "error": None, "done_reason": "stop",
     "prompt_tokens": 24, "completion_tokens": 15, "queue_ms": None, "ttft_ms": 23.8, "latency_ms": 845.4,
 }  # fmt: skip
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: ERRORS[401],
     422: {"model": ErrorBody, "description": "invalid_request: a parameter is not valid (the message names it)"},
 }
-_SEARCH_ERRORS = {
+_SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: ERRORS[401],
     422: {
         "model": ErrorBody,

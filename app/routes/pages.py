@@ -66,7 +66,7 @@ async def playground() -> FileResponse:
 
 @cache
 def _swagger_page() -> tuple[bytes, dict[str, str]]:
-    html = get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url="/openapi.json",
         title="MiniVault - Swagger UI",
         swagger_js_url="/docs-assets/swagger-ui-bundle.js",
@@ -74,7 +74,8 @@ def _swagger_page() -> tuple[bytes, dict[str, str]]:
         swagger_favicon_url="/docs-assets/favicon.png",
         # The validator badge would ask validator.swagger.io about the schema.
         swagger_ui_parameters={"validatorUrl": None},
-    ).body.decode()
+    )
+    html = bytes(page.body).decode()  # an HTMLResponse of a str: its body is bytes
     # Swagger UI's start-up script is inline: its hash, not 'unsafe-inline', lets it (and only it) run.
     csp = (
         f"default-src 'none'; script-src 'self' {_hashes(_INLINE_SCRIPT, html)}; style-src 'self'; "
@@ -85,13 +86,14 @@ def _swagger_page() -> tuple[bytes, dict[str, str]]:
 
 @cache
 def _redoc_page() -> tuple[bytes, dict[str, str]]:
-    html = get_redoc_html(
+    page = get_redoc_html(
         openapi_url="/openapi.json",
         title="MiniVault - ReDoc",
         redoc_js_url="/docs-assets/redoc.standalone.js",
         redoc_favicon_url="/docs-assets/favicon.png",
         with_google_fonts=False,
-    ).body.decode()
+    )
+    html = bytes(page.body).decode()  # an HTMLResponse of a str: its body is bytes
     # ReDoc writes its styles into <style> elements as it renders (styled-components), and runs its search
     # index in a worker made from a blob: URL.
     csp = (

@@ -78,7 +78,7 @@ class _Session:
                     return
                 raw = message.get("text") or message.get("bytes") or b""
                 # The limit is in bytes; a text frame's UTF-8 is at most 4 bytes a character, so most need no encoding.
-                size = len(raw) if type(raw) is bytes or len(raw) * 4 <= self.max_bytes else len(raw.encode())
+                size = len(raw) if isinstance(raw, bytes) or len(raw) * 4 <= self.max_bytes else len(raw.encode())
                 if size > self.max_bytes:
                     await self.refuse_oversized(size)
                     return
