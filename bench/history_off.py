@@ -8,6 +8,7 @@ Served as `uvicorn bench.history_off:app`.
 from typing import Any
 
 import app.main as shipped
+import app.store.opening as opening
 from app.store.sqlite_history import SqliteHistory
 
 
@@ -16,5 +17,5 @@ class DroppingHistory(SqliteHistory):
         pass
 
 
-shipped.SqliteHistory = DroppingHistory  # type: ignore[misc]  # read by the lifespan when it starts
+opening.SqliteHistory = DroppingHistory  # type: ignore[misc]  # read by open_stores when the lifespan starts
 app = shipped.create_app()

@@ -242,7 +242,7 @@ def test_a_python_without_the_dependencies_gets_one_line_on_how_to_set_up() -> N
 
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (
-        f"minivault: {sys.executable} has no 'click' module: run `make run` (or `make test`) once to set up .venv, "
+        f"minivault: {sys.executable} has no 'typer' module: run `make run` (or `make test`) once to set up .venv, "
         "then use `.venv/bin/python app/cli.py ...`, `.venv/bin/minivault ...` (installed by `make test`) "
         "or `source .venv/bin/activate` first\n"
     )
