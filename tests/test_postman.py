@@ -28,13 +28,13 @@ def test_collection_passes_against_a_live_minivault(minivault: RunningServer, tm
 
     assert run["failures"] == []
     assert code == 0
-    assert run["stats"]["requests"] == {"total": 46, "pending": 0, "failed": 0}
-    assert run["stats"]["assertions"] == {"total": 139, "pending": 0, "failed": 0}
+    assert run["stats"]["requests"] == {"total": 48, "pending": 0, "failed": 0}
+    assert run["stats"]["assertions"] == {"total": 143, "pending": 0, "failed": 0}
     names = {execution["item"]["name"] for execution in run["executions"]}
     assert {"Generate (JSON)", "Generate (stream: Server-Sent Events)", "Health", "Ready", "Models", "Metrics",
             "Pull a model (Ollama backend)", "Blank prompt", "Unknown model", "Bad JSON",
             "No API key", "Create a conversation", "Second prompt sees the first", "Read the conversation",
-            "Forget the conversation", "Forgotten conversation", "History, newest first", "History search",
+            "Read the conversation a page at a time", "Next page of turns", "Forget the conversation", "Forgotten conversation", "History, newest first", "History search",
             "One exchange", "History stats", "Chat completion (JSON)", "Chat completion (stream: chunks)",
             "Text completion", "List models (OpenAI)", "Retrieve a model", "Retrieve an unknown model",
             "Refused field (n: 2)", "Ollama generate (stream: false)", "Ollama chat (stream: false)",
