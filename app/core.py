@@ -63,7 +63,7 @@ class Exchange:
 
     __slots__ = (
         "id", "endpoint", "client", "key_id", "conversation_id", "prompt", "system", "options", "chat", "model",
-        "backend", "ts", "started", "announce_queue", "admitted", "admin",
+        "backend", "ts", "started", "announce_queue", "accepted", "admin",
         "parts", "completion", "queue_ms", "ttft_ms", "latency_ms", "status", "error",
     )  # fmt: skip
 
@@ -103,8 +103,9 @@ class Exchange:
         self.parts: list[str] = []
         self.completion = Completion()
         self.queue_ms: float | None = None
-        # Set once a slot is granted: an error before that is a refusal, whose record keeps little text.
-        self.admitted = False
+        # Set once the exchange holds a slot or a place in the queue: an error before that is a refusal,
+        # whose record keeps little text (after it, the client may have had queued events, even tokens).
+        self.accepted = False
         self.ttft_ms: float | None = None
         self.latency_ms: float | None = None
         self.status: Status = "ok"
@@ -141,7 +142,7 @@ class Exchange:
         error = self.error
         logged_error = LoggedError(error.code, error.message) if error else None
         kind = ExchangeRecord
-        if self.status == "error" and not self.admitted:
+        if self.status == "error" and not self.accepted:
             # A refusal costs its sender nothing, so it must cost little to keep: whole, a flood of huge
             # refused prompts filled the disk and the writer queues.
             kind = RefusedRecord
@@ -359,9 +360,10 @@ class GenerationService:
                 held = True
             guard.inside = True
             if await admission.try_enter():
-                admitted = True
+                admitted = exchange.accepted = True
             else:
                 ticket = await admission.enqueue(exchange.key_id)
+                exchange.accepted = True
                 shown = 0
                 while True:
                     ticket.changed.clear()
@@ -380,7 +382,6 @@ class GenerationService:
                 ticket, admitted = None, True
             # Measured on the fast path too: a free slot is a wait of about 0 ms, not an unknown one.
             exchange.queue_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
-            exchange.admitted = True
             guard.start()
             guard.inside = True
             async with aclosing(self.backend.stream(chat, exchange.completion)) as chunks:

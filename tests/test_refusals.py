@@ -119,7 +119,7 @@ def test_only_refusals_are_cut_and_an_error_message_too() -> None:
     assert REFUSED_TEXT_CHARS == 1024
 
     admitted = Exchange("a", "rest", None, None, backend, prompt=HUGE, system=HUGE)
-    admitted.admitted = True
+    admitted.accepted = True
     admitted.status, admitted.error = "error", InvalidRequest("y" * 5000)  # failed after admission: kept whole
     whole = admitted.record(keep_text=True)
     assert type(whole) is ExchangeRecord
@@ -421,3 +421,32 @@ async def test_a_refusal_flood_against_a_stuck_log_is_summarized_in_metrics_and_
     log_warnings = [r for r in caplog.records if r.name == "app.interactions.jsonl" and "QUEUE_BYTES" in r.getMessage()]
     history_warnings = [r for r in caplog.records if r.name == "app.store.batch_writer" and "summar" in r.getMessage()]
     assert (len(log_warnings), len(history_warnings)) == (1, 1)
+
+
+async def test_a_queued_exchange_cut_off_by_shutdown_is_kept_whole() -> None:
+    # Queued is accepted: the client may have had `queued` events already, so its record is no refusal.
+    from app.admission import Admission
+    from app.backends import ChatInput
+    from app.core import GenerationService, Timeouts
+
+    records: list[ExchangeRecord] = []
+    backend: Any = SimpleNamespace(name="ollama", default_model="m")
+    queued = asyncio.Event()
+    admission = Admission(1, 4, on_change=lambda running, waiting: queued.set() if waiting else None)
+    assert await admission.try_enter()  # the one slot is taken: the next exchange waits in the queue
+    consumer = SimpleNamespace(consume=records.append)
+    service = GenerationService(backend, admission, Timeouts(60, 60, None), [consumer])
+    exchange = service.chat_exchange("q", "rest", None, None, ChatInput.single("m", HUGE))
+    waiting = asyncio.create_task(service.run(exchange))
+    await asyncio.wait_for(queued.wait(), 5)
+    assert await service.drain(0) == 1
+    with pytest.raises(Exception, match="shutting down"):
+        await waiting
+
+    [record] = records
+    assert (type(record), record.status, record.error.code if record.error else None) == (
+        ExchangeRecord,
+        "error",
+        "shutting_down",
+    )
+    assert (record.prompt, record.prompt_chars) == (HUGE, len(HUGE))
