@@ -1,4 +1,5 @@
-"""API keys: every route but /health, /ready and the browser pages needs one when MINIVAULT_API_KEYS is set.
+"""API keys: every route but /health, /ready and the browser pages needs one when MINIVAULT_API_KEYS or
+MINIVAULT_ADMIN_KEYS is set (an admin key is also a key).
 
 A pure ASGI middleware, so one check covers HTTP and websockets alike and runs before any
 route. Keys are compared as sha256 digests with `hmac.compare_digest`, against every configured
@@ -26,8 +27,8 @@ _MISSING = (
     "an API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>` "
     "(websocket: either header, or the `api_key` query parameter)"
 )
-_WRONG = "the API key is not valid: check it against MINIVAULT_API_KEYS (sent as `Authorization: Bearer <key>` " \
-    "or `X-API-Key: <key>`)"  # fmt: skip
+_WRONG = "the API key is not valid: check it against MINIVAULT_API_KEYS and MINIVAULT_ADMIN_KEYS (sent as " \
+    "`Authorization: Bearer <key>` or `X-API-Key: <key>`)"  # fmt: skip
 
 
 def key_id(key: str) -> str:
@@ -38,6 +39,12 @@ def key_id(key: str) -> str:
 def key_id_of(connection: HTTPConnection) -> str | None:
     """The key_id the middleware accepted for this request, None when auth is off."""
     return connection.scope["state"].get("key_id")
+
+
+def visible_to(connection: HTTPConnection) -> str | None:
+    """The key_id whose exchanges and conversations alone the caller may see; None (all) for an admin key
+    or with auth off."""
+    return None if is_admin(connection) else key_id_of(connection)
 
 
 def is_admin(connection: HTTPConnection) -> bool:
@@ -70,10 +77,11 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         key = _presented_key(scope)
-        if key is not None and self._matches(key, self._digests):
+        presented = hashlib.sha256(key.encode()).digest() if key is not None else None
+        if presented is not None and _matches(presented, self._digests):
             state = scope["state"]
-            state["key_id"] = key_id(key)
-            state["key_admin"] = self._matches(key, self._admin_digests)
+            state["key_id"] = presented.hex()[:8]  # key_id(key), from the digest already made
+            state["key_admin"] = _matches(presented, self._admin_digests)
             await self.app(scope, receive, send)
             return
         error = Unauthorized(_MISSING if key is None else _WRONG)
@@ -86,13 +94,12 @@ class ApiKeyMiddleware:
             headers = {"WWW-Authenticate": 'Bearer realm="minivault"'}
             await error_response(error, request_id, headers, scope["path"])(scope, receive, send)
 
-    @staticmethod
-    def _matches(key: str, digests: list[bytes]) -> bool:
-        presented = hashlib.sha256(key.encode()).digest()
-        found = False
-        for digest in digests:  # no early exit: the time taken does not depend on which key matched
-            found |= hmac.compare_digest(presented, digest)
-        return found
+
+def _matches(presented: bytes, digests: list[bytes]) -> bool:
+    found = False
+    for digest in digests:  # no early exit: the time taken does not depend on which key matched
+        found |= hmac.compare_digest(presented, digest)
+    return found
 
 
 def _presented_key(scope: Scope) -> str | None:

@@ -106,6 +106,7 @@ class RetryConnect(httpx.AsyncBaseTransport):
         self._backoff = backoff
         self._fresh = fresh
         self._idle_expiry = idle_expiry
+        self._keep_alive_seen: str | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if isinstance(self._inner, httpx.AsyncHTTPTransport):
@@ -139,7 +140,11 @@ class RetryConnect(httpx.AsyncBaseTransport):
     def _follow_keep_alive(self, request: httpx.Request, response: httpx.Response) -> None:
         """Shorten the pool's idle expiry to below the `Keep-Alive: timeout=N` the upstream announces."""
         header = response.headers.get("keep-alive")
-        if header is None or (found := _KEEP_ALIVE_TIMEOUT.search(header)) is None:
+        # An upstream repeats the same header on every response: parse each value once.
+        if header is None or header == self._keep_alive_seen:
+            return
+        self._keep_alive_seen = header
+        if (found := _KEEP_ALIVE_TIMEOUT.search(header)) is None:
             return
         announced = float(found.group(1))
         expiry = idle_expiry_for(announced)

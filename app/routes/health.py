@@ -1,5 +1,6 @@
 """GET /health (liveness) and GET /ready (the upstream is usable)."""
 
+import functools
 from typing import Any
 
 import httpx
@@ -21,7 +22,8 @@ router = APIRouter()
 _URL_LABELS = {"ollama": "OLLAMA_BASE_URL", "openai": "OPENAI_BASE_URL", "embedded": "its loopback port"}
 
 
-def _labels(backend: Backend) -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=8)  # the backend's URLs never change; /health is polled every few seconds
+def _labels(backend: Backend) -> tuple[tuple[str, str], ...]:
     """Each upstream URL and what open endpoints call it instead, with its bare `host:port` too."""
     pairs = backend.host_labels() if isinstance(backend, HostPool) else [
         (backend.url, _URL_LABELS.get(backend.name, "its URL"))
@@ -30,14 +32,14 @@ def _labels(backend: Backend) -> list[tuple[str, str]]:
     # without a port is too likely to be an ordinary word to replace.
     netlocs = [(netloc, label) for url, label in pairs if ":" in (netloc := httpx.URL(url).netloc.decode())]
     found = [(url, label) for url, label in pairs + netlocs if url]
-    return sorted(found, key=lambda pair: len(pair[0]), reverse=True)  # a longer one may contain a shorter
+    return tuple(sorted(found, key=lambda pair: len(pair[0]), reverse=True))  # a longer one may contain a shorter
 
 
 def public_text(text: str | None, backend: Backend) -> str | None:
     """`text` fit for an unauthenticated caller: upstream URLs replaced by labels, any password redacted."""
     if text is None:
         return None
-    for url, label in _labels(backend):
+    for url, label in _labels(backend):  # type: ignore[arg-type]  # backends hash by identity
         text = text.replace(url, label)
     return redact_url(text)
 
