@@ -19,6 +19,7 @@ from fastapi import Depends, Request
 from app.auth import is_admin
 from app.config import Settings
 from app.errors import Forbidden, InvalidRequest, PushNotAllowed, RegistryNotAllowed
+from app.schemas import reject_non_finite
 
 # Ollama's library: what a name without a host means, always allowed.
 LIBRARY_HOST = "registry.ollama.ai"
@@ -129,6 +130,9 @@ _BODY_RULES: dict[str, Callable[[Settings, dict[str, Any]], None]] = {
     "/api/copy": _copy,
     "/api/create": _create,
 }
+# Ollama's model-management routes (under /api): those whose bodies name models, and deleting one.
+NAMING_PATHS = frozenset(path.removeprefix("/api") for path in _BODY_RULES)
+MANAGEMENT_PATHS = NAMING_PATHS | {"/delete"}
 
 
 async def check_management(request: Request) -> None:
@@ -141,8 +145,10 @@ async def check_management(request: Request) -> None:
     rule = _BODY_RULES.get(request.url.path)
     if rule is None:
         return
+    raw = await request.body()
+    reject_non_finite(raw)  # orjson refuses them too, but this error names the field
     try:
-        body = orjson.loads(await request.body())
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         body = None
     if not isinstance(body, dict):

@@ -223,7 +223,7 @@ def reject_non_finite(raw: bytes) -> None:
     try:
         value = pydantic_core.from_json(raw, allow_inf_nan=True)
     except ValueError:
-        return  # not JSON at all: the validator that comes next says so, in its words
+        return  # not JSON at all: a validator says so in its words (a pass-through body: Ollama, in its own)
     path = _non_finite_at(value)
     if path is not None:
         error = InvalidRequest(

@@ -19,7 +19,7 @@ from starlette.responses import Response, StreamingResponse
 from app.backends import Backend, HostPool, ModelInfo, SupportsForward
 from app.dialects import ollama
 from app.errors import InvalidRequest, ModelNotFound, NotSupported
-from app.model_policy import ModelManagement
+from app.model_policy import MANAGEMENT_PATHS, NAMING_PATHS, ModelManagement
 from app.responses import OrjsonResponse
 from app.routes.relay import answer, read_exchange
 from app.schemas import describe_validation_errors, reject_non_finite
@@ -263,10 +263,8 @@ async def _forwarded(backend: SupportsForward, request: Request) -> Response:
     )
 
 
-# Ollama's model management and embeddings: passed to a real Ollama as they are (management: by admin keys).
-_MANAGEMENT = {"/pull", "/push", "/create", "/copy", "/delete"}
-# Whose bodies MiniVault reads for the model names in them: a body it cannot read is a 400 of its own.
-_NAMING = {"/pull", "/push", "/create", "/copy"}
+# Ollama's model management and embeddings: passed to a real Ollama as they are (management: by admin keys,
+# whose check reads the bodies that name models: a body it cannot read is a 400 of its own).
 _FORWARDED = {
     ("POST", "/pull"): ("Download a model", {"model": "tinyllama:1.1b-chat"}),
     ("POST", "/push"): ("Upload a model to a registry", {"model": "me/mymodel:latest"}),
@@ -284,7 +282,8 @@ PASS_THROUGH_TAG = "Ollama pass-through"
 
 async def forward(request: Request) -> Response:
     """Passed on to Ollama; refused with 501 when the backend is not Ollama."""
-    reject_non_finite(await request.body())  # read once: Starlette keeps the body for the forward
+    if request.url.path.removeprefix("/api") not in NAMING_PATHS:  # the management check has read those
+        reject_non_finite(await request.body())  # read once: Starlette keeps the body for the forward
     return await _forward(request)
 
 
@@ -323,10 +322,10 @@ for (_method, _path), (_summary, _example) in _FORWARDED.items():
     _extra = None
     if _example is not None:
         _extra = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}, "example": _example}}}}
-    _statuses = (400, 403, 501) if _path in _NAMING else (403, 501) if _path in _MANAGEMENT else (501,)
+    _statuses = (400, 403, 501) if _path in NAMING_PATHS else (403, 501) if _path in MANAGEMENT_PATHS else (501,)
     router.add_api_route(
         _path, forward, methods=[_method], summary=f"{_summary} (passed through to Ollama)", openapi_extra=_extra,
         responses={"default": _AS_IT_CAME, **_errors(*_statuses)}, tags=[PASS_THROUGH_TAG],
         name=f"ollama_{_method.lower()}_{_path.strip('/').split('/')[0]}",
-        dependencies=[ModelManagement] if _path in _MANAGEMENT else None,
+        dependencies=[ModelManagement] if _path in MANAGEMENT_PATHS else None,
     )  # fmt: skip
