@@ -281,8 +281,9 @@ class Settings(BaseSettings):
     allowed_hosts: str | None = Field(
         None,
         validation_alias="MINIVAULT_ALLOWED_HOSTS",
-        description="Comma-separated Host names served besides localhost, 127.0.0.1 and [::1] (any port); `*` "
-        "serves any. Unset: loopback names only on a loopback bind, any host elsewhere.",
+        description="Comma-separated Host names (`name`: any port, `name:port`, `*`: any) served besides "
+        "localhost, 127.0.0.1 and [::1]. Unset: loopback names only on a connection that arrived at a loopback "
+        "address, any host on others.",
     )
     max_header_bytes: PositiveInt = Field(
         65_536,
@@ -399,7 +400,8 @@ class Settings(BaseSettings):
 
     def key_digests(self) -> list[bytes]:
         """The sha256 digest of every configured key, ordinary and admin (plain keys are hashed here)."""
-        return _digests(self.api_keys) + [d for d in self.admin_key_digests() if d not in _digests(self.api_keys)]
+        ordinary = _digests(self.api_keys)
+        return ordinary + [digest for digest in self.admin_key_digests() if digest not in ordinary]
 
     def admin_key_digests(self) -> list[bytes]:
         """The sha256 digest of every admin key (MINIVAULT_ADMIN_KEYS)."""
@@ -510,7 +512,7 @@ def describe_setting_errors(exc: ValidationError) -> str:
     return "invalid setting " + "; ".join(problems)
 
 
-# --- issue 15 §3: credentials in upstream URLs -------------------------------------------------
+# --- Credentials in upstream URLs: sent as basic auth, never printed.
 
 # `scheme://userinfo@`: the userinfo runs to the last `@` before the path, query, fragment or a space.
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/?#\s]*)@")

@@ -206,7 +206,11 @@ class GuardedProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         guard = _guards.get(server_state)
         if guard is None:
-            limits = type(self).limits or type(self).configure(load_settings())
+            limits = type(self).limits
+            if limits is None:
+                # No lifespan handed the app's own settings in (served some other way): read the environment.
+                logger.warning("connection guards: limits read from the environment, not from the app's settings")
+                limits = type(self).configure(load_settings())
             guard = _guards[server_state] = _ServerGuard(limits, self.loop)
         self._guard = guard
         self._max_head = guard.limits.max_header_bytes

@@ -169,7 +169,7 @@ def ollama_error(error: MiniVaultError) -> tuple[int, dict[str, Any]]:
     return (400 if error.status == 422 else error.status), {"error": error.message}
 
 
-# --- §4 "a key is not root" (keys helper): model management needs an admin key, registries and the queue share.
+# --- A key is not root: model management needs an admin key; registries; the queue share.
 
 
 class Forbidden(MiniVaultError):
@@ -197,7 +197,7 @@ class QueueShareExceeded(Busy):
     code = "queue_share_exceeded"
 
 
-# --- §1 "a web page must not drive MiniVault" (edge helper): the Host, Origin and Content-Type checks.
+# --- The web edge (app/edge.py): the Host, Origin and Content-Type checks.
 
 
 class HostNotAllowed(MiniVaultError):
@@ -223,7 +223,7 @@ class UnsupportedMediaType(MiniVaultError):
     code = "unsupported_media_type"
 
 
-# --- §2 "refusals are cheap" (writer helper): a websocket that keeps sending invalid frames is closed.
+# --- Cheap refusals: a websocket that keeps sending invalid frames is closed.
 
 
 class TooManyInvalidFrames(MiniVaultError):
@@ -234,7 +234,7 @@ class TooManyInvalidFrames(MiniVaultError):
     ws_close = WS_POLICY_VIOLATION
 
 
-# --- §2 history search (history helper): a search that would run too long is stopped.
+# --- History search: a search that would run too long is stopped.
 
 
 class QueryTooExpensive(MiniVaultError):
@@ -244,7 +244,7 @@ class QueryTooExpensive(MiniVaultError):
     code = "query_too_expensive"
 
 
-# --- §2 request heads and slow clients (server helper): refusals the connection guards write before the app runs.
+# --- Connection guards (app/connections.py): refusals written before the app runs.
 
 
 class HeadersTooLarge(MiniVaultError):

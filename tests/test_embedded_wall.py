@@ -157,4 +157,7 @@ def test_ready_names_no_url_once_the_engine_is_gone(tmp_path: Path) -> None:
             assert secret not in response.text
     # An authenticated caller is told what broke; the engine's key is still nowhere.
     assert prompt.status_code in (502, 503)
+    error = prompt.json()["error"]
+    assert error["code"] == {502: "backend_error", 503: "backend_unavailable"}[prompt.status_code]
+    assert "embedded" in error["message"] or "llama" in error["message"]
     assert engine.api_key not in prompt.text

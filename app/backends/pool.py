@@ -300,7 +300,8 @@ class HostPool:
         return BackendStatus(True, False, f"no healthy host has model '{self.default_model}'")
 
     def hosts_status(self) -> list[dict[str, Any]]:
-        """Each host as /health and /ready show it: by its label, not its URL (they replace URLs in `reason`)."""
+        """Each host as /health and /ready show it: by its label; `reason` may still name its (redacted) URL,
+        which the open routes replace through `app.routes.health.public_text`."""
         now = self._clock()
         return [
             {

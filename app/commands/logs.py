@@ -340,8 +340,9 @@ def _print_record(record: dict[str, Any], as_json: bool) -> None:
         f"{record.get('backend', '?')}/{record.get('model', '?')}  "
         f"{'-' if latency is None else f'{latency:.0f} ms'}  {record.get('completion_tokens') or 0} tok"
     )
-    say(f"  > {_clip(record.get('prompt'))}")
-    say(f"  < {_clip(record.get('response'))}")
+    # _clip has shown the control characters already (so the width counts what is printed).
+    typer.echo(f"  > {_clip(record.get('prompt'))}")
+    typer.echo(f"  < {_clip(record.get('response'))}")
 
 
 def _clip(text: object, width: int = 100) -> str:

@@ -28,6 +28,8 @@ from app.commands.common import (
     get,
     json_or_fail,
     print_json,
+    say,
+    visible,
 )
 
 commands = typer.Typer()
@@ -63,8 +65,8 @@ def health(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = Fal
     for host in body.get("hosts", []):
         why = f" ({host['reason']})" if host.get("reason") else ""
         models = len(host["models"])
-        typer.echo(f"  {host['host']}: {host['state']}, {models} models, {host['in_flight']} in flight{why}")
-    typer.echo(f"model {backend['model']}: {available}")
+        say(f"  {host['host']}: {host['state']}, {models} models, {host['in_flight']} in flight{why}")
+    say(f"model {backend['model']}: {available}")
     typer.echo(f"log: {body['log']}")
 
 
@@ -78,7 +80,7 @@ def models(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = Fal
     width = max((len(model["name"]) for model in body["models"]), default=4)
     for model in body["models"]:
         marker = "*" if model["name"] == body["default"] else " "
-        typer.echo(f"{marker} {model['name']:<{width}}  {_size(model.get('size'))}")
+        say(f"{marker} {model['name']:<{width}}  {_size(model.get('size'))}")
 
 
 def _size(size: int | None) -> str:
@@ -118,7 +120,7 @@ def pull(
                         layers[digest] = progress.add_task(digest.removeprefix("sha256:")[:12], total=total)
                     progress.update(layers[digest], completed=data.get("completed") or 0)
                 else:
-                    progress.console.print(data.get("status", ""))
+                    progress.console.print(visible(data.get("status", "")), markup=False, highlight=False)
     if outcome is None:
         fail("the pull ended without reporting success")
     if outcome["event"] == "error":

@@ -41,7 +41,8 @@ class JsonlWriter:
     At most `max_queue_bytes` of lines wait unwritten: past that, a RefusedRecord (a request
     refused before admission) is counted (`on_summarized(1)`, one warning line per episode)
     instead of queued; every other record is always queued. `lines_settled` (lines written or
-    dropped, in order) lets the history write only what the log has (`notify`).
+    dropped, in order) lets the history wait for the log (`notify`): it writes what the log has
+    written, and what the log dropped past `max_pending`.
 
     With `max_bytes`, a batch that would take the file past it first rotates the file
     (log.jsonl -> log.jsonl.1 -> ... -> log.jsonl.`backups`, the oldest dropped) and goes

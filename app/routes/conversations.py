@@ -6,7 +6,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from app.auth import is_admin, key_id_of
+from app.auth import key_id_of, visible_to
 from app.conversations import ConversationMemory
 from app.errors import InvalidRequest, NotFound
 from app.routes.generate import ERRORS
@@ -53,14 +53,14 @@ _TURN_EXAMPLE: dict[str, Any] = {
 
 
 class ConversationOut(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{**_CONVERSATION_EXAMPLE, "turns": [_TURN_EXAMPLE]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{**_CONVERSATION_EXAMPLE, "turns": None}]})
 
     id: str
     title: str | None = Field(description="The first prompt, shortened; null until the first answer.")
     system: str | None
     created: str
     updated: str
-    turns: list[TurnOut] | None = Field(None, description="Oldest first; only in GET /conversations/{id}.")
+    turns: list[TurnOut] | None = Field(None, description="Null here: GET /conversations/{id} pages the turns.")
 
 
 class ConversationTurns(ConversationOut):
@@ -93,11 +93,6 @@ def _memory(request: Request) -> ConversationMemory:
             "conversations are off: MINIVAULT_LOG_PROMPTS=false forbids storing the turns they are made of"
         )
     return memory
-
-
-def _visible_to(request: Request) -> str | None:
-    """The key_id whose conversations alone this request may see; None for an admin key or with auth off."""
-    return None if is_admin(request) else key_id_of(request)
 
 
 def _not_found(conversation_id: str) -> NotFound:
@@ -141,7 +136,7 @@ async def list_conversations(
     cursor: Annotated[str | None, Query(pattern=_CURSOR, description="`next_cursor` of the previous page.")] = None,
 ) -> dict[str, Any]:
     """Conversations, most recently continued first, titled by their first prompt (an ordinary key: its own)."""
-    found, next_cursor = await _memory(request).store.list(limit, cursor, visible_to=_visible_to(request))
+    found, next_cursor = await _memory(request).store.list(limit, cursor, visible_to=visible_to(request))
     return {"items": [_out(c) for c in found], "next_cursor": next_cursor}
 
 
@@ -158,7 +153,7 @@ async def get_conversation(
     store = _memory(request).store
     # One turn more than the page tells whether there is a next one.
     conversation = await store.get(
-        conversation_id, visible_to=_visible_to(request), after=int(cursor) if cursor else 0, limit=limit + 1
+        conversation_id, visible_to=visible_to(request), after=int(cursor) if cursor else 0, limit=limit + 1
     )
     if conversation is None:
         raise _not_found(conversation_id)
@@ -176,6 +171,6 @@ async def delete_conversation(
     request: Request, conversation_id: Annotated[str, Path(pattern=_ID, examples=["4f1c2b7e9a0d4e5f8a6b3c2d1e0f9a8b"])]
 ) -> Response:
     """Forget a conversation and its turns (the interaction log keeps its exchanges)."""
-    if not await _memory(request).store.delete(conversation_id, visible_to=_visible_to(request)):
+    if not await _memory(request).store.delete(conversation_id, visible_to=visible_to(request)):
         raise _not_found(conversation_id)
     return Response(status_code=204)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from app.auth import is_admin, key_id_of
+from app.auth import visible_to
 from app.errors import NotFound
 from app.responses import OrjsonResponse
 from app.routes.generate import ERRORS
@@ -27,7 +27,7 @@ _RECORD_EXAMPLE: dict[str, Any] = {
     "model": "tinyllama:1.1b-chat", "prompt": "Explain gravity in one sentence.", "system": None,
     "options": {"temperature": 0.2}, "response": "Gravity is the force by which a planet draws objects toward it.",
     "prompt_chars": 32, "response_chars": 63, "status": "ok", "error": None, "done_reason": "stop",
-    "prompt_tokens": 24, "completion_tokens": 15, "queue_ms": None, "ttft_ms": 23.8, "latency_ms": 845.4,
+    "prompt_tokens": 24, "completion_tokens": 15, "queue_ms": 0.021, "ttft_ms": 23.8, "latency_ms": 845.4,
 }  # fmt: skip
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: ERRORS[401],
@@ -128,12 +128,6 @@ def _store(request: Request) -> HistoryStore:
     return request.app.state.history
 
 
-def _visible_to(request: Request) -> str | None:
-    """The key_id whose exchanges the caller sees: its own for an ordinary key; None (all) for an admin key or
-    with auth off."""
-    return None if is_admin(request) else key_id_of(request)
-
-
 @router.get("", response_model=HistoryPageOut, responses=_SEARCH_ERRORS)
 async def history(
     request: Request,
@@ -167,7 +161,7 @@ async def history(
     new search, not the pages of this one.
     """
     query = HistoryQuery(q=q, model=model, status=status, endpoint=endpoint, since=_moment(since),
-                         until=_moment(until), limit=limit, cursor=cursor, key_id=_visible_to(request))  # fmt: skip
+                         until=_moment(until), limit=limit, cursor=cursor, key_id=visible_to(request))  # fmt: skip
     page = await _store(request).search(query)
     return OrjsonResponse({"items": page.items, "next_cursor": page.next_cursor})
 
@@ -175,7 +169,7 @@ async def history(
 @router.get("/stats", response_model=StatsOut, responses=_ERRORS)
 async def history_stats(request: Request, since: Since = None, until: Until = None) -> OrjsonResponse:
     """Per UTC day and model: exchanges by outcome, token sums and latency percentiles (an ordinary key: of its own)."""
-    days = await _store(request).stats(_moment(since), _moment(until), key_id=_visible_to(request))
+    days = await _store(request).stats(_moment(since), _moment(until), key_id=visible_to(request))
     return OrjsonResponse({"days": days})
 
 
@@ -194,7 +188,7 @@ async def history_exchange(
     ],
 ) -> OrjsonResponse:
     """One exchange, as the log recorded it (the latest, if a client reused the id); another key's is not found."""
-    record = await _store(request).get(exchange_id, key_id=_visible_to(request))
+    record = await _store(request).get(exchange_id, key_id=visible_to(request))
     if record is None:  # the same answer whether it does not exist or is another key's
         raise NotFound(f"no exchange with id {exchange_id!r} in the history; GET /history lists them")
     return OrjsonResponse(record)

@@ -28,15 +28,20 @@ _REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 router = APIRouter(include_in_schema=False)
 
+
 # The page keeps the API key in local storage: no other site may frame it (clickjacking), run script in
 # it, or have a response sniffed into a script. Each policy allows only what that page loads from here.
-_PAGE_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
+def _page_csp(script: str = "'self'", style: str = "'self'", extra: str = "") -> str:
+    """A page's Content-Security-Policy: everything from here only, with `script` and `style` sources and `extra`."""
+    return (
+        f"default-src 'none'; script-src {script}; style-src {style}; {extra}connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+_PAGE_CSP = _page_csp()
 _ASSET_CSP = "default-src 'none'; frame-ancestors 'none'"
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
-_INLINE_STYLE = re.compile(r"<style>(.*?)</style>", re.DOTALL)
 
 
 def security_headers(csp: str) -> dict[str, str]:
@@ -49,13 +54,15 @@ def security_headers(csp: str) -> dict[str, str]:
     }
 
 
-def _hashes(pattern: re.Pattern[str], html: str) -> str:
-    """CSP sources allowing exactly the inline blocks of `html` that `pattern` finds."""
-    digests = (base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in pattern.findall(html))
+def _script_hashes(html: str) -> str:
+    """CSP sources allowing exactly the inline scripts of `html`."""
+    blocks = _INLINE_SCRIPT.findall(html)
+    digests = (base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks)
     return " ".join(f"'sha256-{digest}'" for digest in digests)
 
 
-PAGE_HEADERS = {**security_headers(_PAGE_CSP), "Cache-Control": "no-cache"}
+_PAGE_SECURITY = security_headers(_PAGE_CSP)
+PAGE_HEADERS = {**_PAGE_SECURITY, "Cache-Control": "no-cache"}
 
 
 @router.api_route("/", methods=["GET", "HEAD"])
@@ -75,13 +82,9 @@ def _swagger_page() -> tuple[bytes, dict[str, str]]:
         # The validator badge would ask validator.swagger.io about the schema.
         swagger_ui_parameters={"validatorUrl": None},
     )
-    html = bytes(page.body).decode()  # an HTMLResponse of a str: its body is bytes
+    body = bytes(page.body)  # an HTMLResponse of a str: its body is bytes
     # Swagger UI's start-up script is inline: its hash, not 'unsafe-inline', lets it (and only it) run.
-    csp = (
-        f"default-src 'none'; script-src 'self' {_hashes(_INLINE_SCRIPT, html)}; style-src 'self'; "
-        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    )
-    return html.encode(), security_headers(csp)
+    return body, security_headers(_page_csp(script=f"'self' {_script_hashes(body.decode())}"))
 
 
 @cache
@@ -93,15 +96,10 @@ def _redoc_page() -> tuple[bytes, dict[str, str]]:
         redoc_favicon_url="/docs-assets/favicon.png",
         with_google_fonts=False,
     )
-    html = bytes(page.body).decode()  # an HTMLResponse of a str: its body is bytes
     # ReDoc writes its styles into <style> elements as it renders (styled-components), and runs its search
     # index in a worker made from a blob: URL.
-    csp = (
-        "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; worker-src blob:; "
-        "connect-src 'self'; img-src 'self' data:; font-src 'self' data:; base-uri 'none'; form-action 'none'; "
-        "frame-ancestors 'none'"
-    )
-    return html.encode(), security_headers(csp)
+    csp = _page_csp(style="'self' 'unsafe-inline'", extra="worker-src blob:; font-src 'self' data:; ")
+    return bytes(page.body), security_headers(csp)
 
 
 @router.api_route("/docs", methods=["GET", "HEAD"])
@@ -150,5 +148,5 @@ def mount_pages(app: FastAPI) -> None:
     """Add the page routes and the two static folders to `app` (built with docs_url=None, redoc_url=None)."""
     app.include_router(router)
     # /static/index.html is the page itself, so it gets the page's policy.
-    app.mount("/static", _WithHeaders(StaticFiles(directory=STATIC_DIR), security_headers(_PAGE_CSP)), name="static")
+    app.mount("/static", _WithHeaders(StaticFiles(directory=STATIC_DIR), _PAGE_SECURITY), name="static")
     app.mount("/docs-assets", _WithHeaders(StaticFiles(directory=DOCS_ASSETS_DIR), _ASSET_HEADERS), name="docs-assets")

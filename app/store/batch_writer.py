@@ -6,8 +6,8 @@ retried with the next one. Subclasses say how rows are made (`_row`) and written
 
 Following the interaction log (`follow`), a row is written only once the log has its line: the log
 comes first, so while the log fails (a full disk) the history waits instead of taking the space the
-log needs, and the history never holds an exchange the log lacks. At most `max_queue_bytes` of rows
-wait; past that, refused requests are counted (`on_summarized`) instead of queued.
+log needs; only lines the log drops (past its own `max_pending`) are stored without it. At most
+`max_queue_bytes` of rows wait; past that, refused requests are counted (`on_summarized`) instead of queued.
 """
 
 import logging
@@ -35,6 +35,7 @@ class FollowedLog(Protocol):
     lines_queued: int
     lines_settled: int
     refusals_summarized: int
+    failing: bool
 
     def notify(self, callback: Callable[[], None]) -> None: ...
 
@@ -161,8 +162,10 @@ class BatchWriter:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every record consumed before the call is written (or has failed, or waits for the log)."""
-        if self._log is not None:
-            self._log.flush(timeout)  # what the log writes now, the history may write just after
+        # What the log writes now, the history may write just after; a failing log is not hurried (it retries
+        # on its own schedule, and a read of the history must not make it hit a full disk again).
+        if self._log is not None and not self._log.failing:
+            self._log.flush(timeout)
         if not self._thread.is_alive():
             self._write_queued()
             return True

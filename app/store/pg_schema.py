@@ -164,7 +164,7 @@ _V2 = [
     # so that one key's listing reads only its own.
     "ALTER TABLE conversations ADD COLUMN IF NOT EXISTS key_id text",
     "CREATE INDEX IF NOT EXISTS conversations_by_key ON conversations (key_id, seq)",
-    # History (history helper): one key's exchanges newest first, for an ordinary key's GET /history and
+    # History: one key's exchanges newest first, for an ordinary key's GET /history and
     # /history/stats (key_id = ... ORDER BY ts DESC, id DESC walks it).
     "CREATE INDEX IF NOT EXISTS exchanges_by_key ON exchanges (key_id, ts, id)",
 ]
