@@ -28,7 +28,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
 
-# The guarded protocol bounds request heads, slow clients and open connections (app/connections.py).
+# The guarded protocol bounds request heads, slow clients and open connections (app/web/connections.py).
 # MiniVault's interaction log already records every exchange, so uvicorn's access log is off
 # (it costs about a tenth of a request's CPU); token frames are too small to gain from deflate.
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--http", "app.connections:GuardedProtocol", "--no-access-log", "--ws-per-message-deflate", "false"]
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--http", "app.web.connections:GuardedProtocol", "--no-access-log", "--ws-per-message-deflate", "false"]

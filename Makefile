@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # uvicorn's httptools protocol with MiniVault's bounds on request heads, slow clients and connections.
-GUARDED_PROTOCOL := app.connections:GuardedProtocol
+GUARDED_PROTOCOL := app.web.connections:GuardedProtocol
 
 .PHONY: run test lint format clean system-deps bench
 

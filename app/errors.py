@@ -197,7 +197,7 @@ class QueueShareExceeded(Busy):
     code = "queue_share_exceeded"
 
 
-# --- The web edge (app/edge.py): the Host, Origin and Content-Type checks.
+# --- The web edge (app/web/edge.py): the Host, Origin and Content-Type checks.
 
 
 class HostNotAllowed(MiniVaultError):
@@ -244,7 +244,7 @@ class QueryTooExpensive(MiniVaultError):
     code = "query_too_expensive"
 
 
-# --- Connection guards (app/connections.py): refusals written before the app runs.
+# --- Connection guards (app/web/connections.py): refusals written before the app runs.
 
 
 class HeadersTooLarge(MiniVaultError):

@@ -21,31 +21,33 @@ from starlette.responses import Response
 from starlette.routing import Route, compile_path
 
 from app import __version__
-from app.auth import OPEN_PATHS, ApiKeyMiddleware
+from app.admission.opening import open_limits
 from app.backends import Backend, open_backend
-from app.body_limit import BodyLimitMiddleware
-from app.bootstrap import start_bootstrap
+from app.backends.probe import BackendProbe
 from app.config import ConfigError, Settings, load_settings
-from app.connections import check_connection_guards
-from app.conversations import ContextLimits, ConversationMemory
-from app.core import GenerationService, Timeouts
-from app.dialects.ollama import ChatBody, GenerateBody
-from app.dialects.openai import ChatCompletionRequest, CompletionRequest
-from app.edge import WebGuardMiddleware
+from app.core.autopull import start_bootstrap
+from app.core.conversations import ContextLimits, ConversationMemory
+from app.core.drain import install_drain
+from app.core.service import GenerationService, Timeouts
+from app.dialects.ollama import routes as ollama_api
+from app.dialects.ollama.wire import ChatBody, GenerateBody
+from app.dialects.openai import routes as openai_api
+from app.dialects.openai.wire import ChatCompletionRequest, CompletionRequest
 from app.errors import InvalidRequest, MethodNotAllowed, MiniVaultError, RouteNotFound
-from app.health import BackendProbe
-from app.interactions import JsonlWriter
-from app.limits import open_limits
-from app.metrics import Metrics
-from app.request_id import RequestIdMiddleware, request_id_of
-from app.responses import error_response
-from app.routes import conversations, generate, health, history, metrics, models, ollama_api, openai_api, ws
+from app.exchanges import JsonlWriter
+from app.exchanges.metrics import Metrics
+from app.routes import conversations, generate, health, history, metrics, models, ws
 from app.routes.conversations import NewConversation
 from app.routes.pages import mount_pages
 from app.schemas import GenerateRequest, PullRequest, describe_validation_errors
 from app.serverlog import configure_server_log
-from app.shutdown import install_drain
 from app.store.opening import open_stores
+from app.web.auth import OPEN_PATHS, ApiKeyMiddleware
+from app.web.body_limit import BodyLimitMiddleware
+from app.web.connections import check_connection_guards
+from app.web.edge import WebGuardMiddleware
+from app.web.request_id import RequestIdMiddleware, request_id_of
+from app.web.responses import error_response
 
 logger = logging.getLogger("app")
 
@@ -214,7 +216,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-# The web guard's refusals (app/edge.py), in the body shape of each path's dialect.
+# The web guard's refusals (app/web/edge.py), in the body shape of each path's dialect.
 _FOREIGN = "host_not_allowed or origin_not_allowed: a foreign Host (see MINIVAULT_ALLOWED_HOSTS) or a web page of "\
     "another origin (see MINIVAULT_CORS_ORIGINS)"  # fmt: skip
 _NOT_JSON = "unsupported_media_type: the body is not sent as `Content-Type: application/json` (or a `+json` type)"

@@ -2,7 +2,7 @@
 
 - `on`: API key required (and sent), admission limits on (16 slots, queue 64), metrics on, and what issue 15
   turned on by default: host and origin checks, per-key scoping, the connection guards (the Dockerfile's
-  `--http app.connections:GuardedProtocol`);
+  `--http app.web.connections:GuardedProtocol`);
 - `off`: the same code with no keys and limits too wide to matter (metrics cannot be turned off);
 - `plain`: `on` served by uvicorn's plain httptools protocol: what the connection guards cost alone;
 - `baseline`: the version before these features (BASELINE_REV), when git can provide its tree;

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from app.interactions import JsonlWriter
+from app.exchanges import JsonlWriter
 
 RECORD: dict[str, Any] = {
     "id": "5f0c3f7e2b9d4c3e8a1b2c3d4e5f6a7b", "ts": "2026-11-24T21:40:56.445Z", "endpoint": "rest",

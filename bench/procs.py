@@ -98,7 +98,7 @@ def start_fake(workdir: Path, *, name: str = "fake", slowdown: float = 1.0, para
     environment = {**os.environ, "FAKE_OLLAMA_SLOWDOWN": str(slowdown), "FAKE_OLLAMA_PARALLEL": str(parallel)}
     with log.open("wb") as output:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_ollama", "--fast", "--port", str(port)],
+            [sys.executable, "-m", "tests.support.fake_ollama", "--fast", "--port", str(port)],
             cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT,
         )  # fmt: skip
     wait_for_port(port, process)

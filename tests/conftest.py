@@ -8,12 +8,12 @@ import pytest
 
 from app.config import Settings
 from app.main import create_app
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
 
 # Real PostgreSQL and Redis servers, and the dialect tests' gateways, started once per run by the tests
 # that ask for them.
-pytest_plugins = ["tests.postgres", "tests.redis_server", "tests.dialect_servers"]
+pytest_plugins = ["tests.support.postgres", "tests.support.redis_server", "tests.support.dialect_servers"]
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from websockets.exceptions import ConnectionClosed
 
 from app.main import create_app
 from tests.conftest import make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 
@@ -315,7 +315,7 @@ async def test_cors_is_off_by_default(minivault: RunningServer) -> None:
             headers={"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"},
         )
 
-    # With no origins listed, a page of another origin is refused outright (app/edge.py).
+    # With no origins listed, a page of another origin is refused outright (app/web/edge.py).
     assert simple.status_code == 403
     assert simple.json()["error"]["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in simple.headers

@@ -14,9 +14,9 @@ from websockets.asyncio.client import connect
 from app.backends.embedded import EmbeddedEngine, bundled_model_path
 from app.main import create_app
 from tests.conftest import make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
-from tests.sse import parse_events
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
+from tests.support.sse import parse_events
 
 BACKENDS = ["ollama", "openai", "embedded"]
 # Greedy decoding keeps the real model's answers stable; a small num_predict keeps the tests fast.

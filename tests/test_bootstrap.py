@@ -16,15 +16,15 @@ import pytest
 from fastapi import FastAPI
 from websockets.sync.client import connect
 
-from app import bootstrap
 from app.backends import BackendStatus
-from app.bootstrap import ModelBootstrap
+from app.core import autopull as bootstrap
+from app.core.autopull import ModelBootstrap
 from app.errors import BackendError, ModelLoading
 from app.main import create_app
 from app.serverlog import configure_server_log
 from tests.conftest import closed_port_url, make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import FakeOllamaProcess, RunningServer, free_port, poll_ready, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import FakeOllamaProcess, RunningServer, free_port, poll_ready, serve_in_thread
 
 MODEL = "tinyllama:1.1b-chat"
 WAIT = 15.0  # generous: these machines are noisy
@@ -46,7 +46,7 @@ def bootstrap_lines(caplog: pytest.LogCaptureFixture, level: int | None = None) 
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "app.bootstrap" and (level is None or record.levelno == level)
+        if record.name == "app.core.autopull" and (level is None or record.levelno == level)
     ]
 
 

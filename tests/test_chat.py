@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

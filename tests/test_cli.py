@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from app.cli import cli
 from app.main import create_app
 from tests.conftest import closed_port_url, make_settings
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()

@@ -24,8 +24,8 @@ from app.cli import cli as app
 from app.main import create_app
 from app.schemas import Endpoint
 from tests.conftest import closed_port_url, make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 EVIL = "\x1b]0;pwned\x07\x1b[2J\x1b[1;1Hall ok\x9b\x7f"

@@ -1,6 +1,6 @@
-"""The connection guards (app/connections.py) against the attacks of issue 15 §2, on a real uvicorn process.
+"""The connection guards (app/web/connections.py) against the attacks of issue 15 §2, on a real uvicorn process.
 
-Each test starts MiniVault as `uvicorn app.main:app --http app.connections:GuardedProtocol` (what `make run`
+Each test starts MiniVault as `uvicorn app.main:app --http app.web.connections:GuardedProtocol` (what `make run`
 and the Dockerfile run) in front of the fake Ollama, and attacks it over loopback: huge request heads (RSS
 read from /proc), heads and bodies sent slowly, more connections than the cap. The contrast tests run the
 same attack on plain `--http httptools`, the protocol MiniVault was served with before, and see it succeed.
@@ -24,9 +24,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.servers import REPO_ROOT, FakeOllamaProcess, bound_socket
+from tests.support.servers import REPO_ROOT, FakeOllamaProcess, bound_socket
 
-GUARDED = "app.connections:GuardedProtocol"
+GUARDED = "app.web.connections:GuardedProtocol"
 MB = 1024 * 1024
 
 

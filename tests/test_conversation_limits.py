@@ -14,16 +14,16 @@ import psycopg
 import pytest
 from websockets.asyncio.client import connect
 
-from app.auth import key_id
 from app.config import Settings
 from app.main import create_app
 from app.store import Turn
 from app.store.pg_conversations import RECENT, PgConversations
 from app.store.pg_schema import SCHEMA_VERSION, migrate
 from app.store.sqlite_conversations import SqliteConversations
+from app.web.auth import key_id
 from tests.conftest import make_settings
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 

@@ -14,8 +14,8 @@ import pytest
 
 from app.main import create_app
 from tests.conftest import make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ import pytest
 
 from app.main import create_app
 from tests.conftest import make_settings
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 BEFORE, DURING = 3, 30  # prompts answered before the disk fills, and while it is full

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.servers import RunningServer, bound_socket
+from tests.support.servers import RunningServer, bound_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +106,7 @@ def test_image_cmd_starts_the_app_and_healthcheck_probes_it(fake_server: Running
     cmd = _exec_form("CMD")
     assert cmd[:2] == ["uvicorn", "app.main:app"]
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
-    assert cmd[cmd.index("--http") + 1] == "app.connections:GuardedProtocol"  # the connection guards
+    assert cmd[cmd.index("--http") + 1] == "app.web.connections:GuardedProtocol"  # the connection guards
     # Same command, but bound to loopback on a free port handed over as a file descriptor.
     sock = bound_socket()
     port = sock.getsockname()[1]

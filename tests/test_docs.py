@@ -9,7 +9,7 @@ import httpx
 
 from app.main import create_app
 from tests.conftest import make_settings
-from tests.servers import serve_in_thread
+from tests.support.servers import serve_in_thread
 
 
 def has_example(node: Any, components: dict[str, Any], depth: int = 0) -> bool:

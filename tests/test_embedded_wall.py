@@ -13,8 +13,8 @@ import pytest
 from app.backends.embedded import EmbeddedBackend, bundled_model_path
 from app.main import create_app
 from tests.conftest import make_settings, read_log
-from tests.dialect_servers import Gateway, wait_started
-from tests.servers import serve_in_thread
+from tests.support.dialect_servers import Gateway, wait_started
+from tests.support.servers import serve_in_thread
 
 USER_KEY = "wall-user-key-0123456789"
 AUTH = {"Authorization": f"Bearer {USER_KEY}"}

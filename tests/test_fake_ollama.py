@@ -4,8 +4,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.fake_ollama import SPECIAL_MODELS, FakeOllama
-from tests.servers import FakeOllamaProcess, RunningServer
+from tests.support.fake_ollama import SPECIAL_MODELS, FakeOllama
+from tests.support.servers import FakeOllamaProcess, RunningServer
 
 NEW_MODELS = ["busy:latest", "stall:latest", "stall-headers:latest", "drip:latest"]
 

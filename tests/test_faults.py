@@ -21,8 +21,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.conftest import read_log
-from tests.servers import FakeOllamaProcess, bound_socket
-from tests.sse import aparse_events
+from tests.support.servers import FakeOllamaProcess, bound_socket
+from tests.support.sse import aparse_events
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent

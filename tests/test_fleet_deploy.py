@@ -29,8 +29,8 @@ from websockets.sync.client import connect
 from app.config import Settings
 from app.main import create_app
 from tests.conftest import make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, free_port, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, free_port, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = "docker-compose-fleet.yml"

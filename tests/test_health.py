@@ -7,7 +7,7 @@ import httpx
 from app import __version__
 from app.main import create_app
 from tests.conftest import closed_port_url, make_settings
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 
 
 def test_health_reports_backend_and_log(minivault: RunningServer, fake_server: RunningServer) -> None:

@@ -17,7 +17,7 @@ from app.schemas import ExchangeRecord, LoggedError
 from app.store import HistoryQuery, sqlite_history
 from app.store.sqlite_history import HistoryUnavailable, SqliteHistory
 from tests.conftest import make_settings, read_log
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 DAY = datetime(2026, 11, 29, tzinfo=UTC)

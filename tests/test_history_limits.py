@@ -7,7 +7,7 @@
   query_too_expensive) within 2 s, and twelve of them at once leave a conversation answering, since
   history reads have threads of their own (MINIVAULT_HISTORY_READERS).
 - With keys set, an ordinary key lists, reads and counts only its own exchanges; an admin key sees every
-  one. Over real HTTP, on SQLite and on PostgreSQL (tests/postgres.py).
+  one. Over real HTTP, on SQLite and on PostgreSQL (tests/support/postgres.py).
 """
 
 import asyncio
@@ -27,15 +27,15 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 
-from app.auth import key_id
 from app.errors import QueryTooExpensive
 from app.main import create_app
 from app.store import HistoryQuery, sqlite_history
 from app.store.pg_history import PgHistory
 from app.store.pg_schema import migrate
 from app.store.sqlite_history import SearchBudget, SqliteHistory, row_of
+from app.web.auth import key_id
 from tests.conftest import make_settings
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 from tests.test_history import DAY, record
 
 # The worst search the limits allow: 16 prefixes of three letters, each as broad as can be. FTS5 merges

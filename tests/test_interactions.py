@@ -14,11 +14,11 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from app.interactions import JsonlWriter
+from app.exchanges import JsonlWriter
 from app.main import create_app
 from tests.conftest import make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, bound_socket, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, bound_socket, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,17 +20,17 @@ import pytest
 from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.types import Message, Receive, Scope, Send
 
-from app.admission import Admission, Ticket
-from app.admission_redis import RedisAdmission
+from app.admission.opening import open_limits, queue_share, redis_client
+from app.admission.redis_slots import RedisAdmission
+from app.admission.slots import Admission, Ticket
+from app.core.model_policy import check_management, registry_host
 from app.errors import Busy, QueueShareExceeded
-from app.limits import open_limits, queue_share, redis_client
 from app.main import create_app
-from app.model_policy import check_management, registry_host
 from tests.conftest import make_settings
-from tests.fake_ollama import FakeOllama
-from tests.redis_server import RedisServer
-from tests.servers import RunningServer, serve_in_thread
-from tests.sse import aparse_events
+from tests.support.fake_ollama import FakeOllama
+from tests.support.redis_server import RedisServer
+from tests.support.servers import RunningServer, serve_in_thread
+from tests.support.sse import aparse_events
 
 pytestmark = pytest.mark.anyio
 

@@ -17,9 +17,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from app.backends.transport import RetryConnect
 from app.main import create_app
 from tests.conftest import make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import FakeOllamaProcess, RunningServer, poll_ready, serve_in_thread
-from tests.sse import aparse_events, parse_events
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import FakeOllamaProcess, RunningServer, poll_ready, serve_in_thread
+from tests.support.sse import aparse_events, parse_events
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,8 @@ import httpx
 import ollama
 import pytest
 
-from app.dialects.ollama import OLLAMA_API_VERSION
-from tests.dialect_servers import (
+from app.dialects.ollama.wire import OLLAMA_API_VERSION
+from tests.support.dialect_servers import (
     Gateway,
     RequestIds,
     async_ollama_client,

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.dialect_servers import Gateway, fake_gateway
+from tests.support.dialect_servers import Gateway, fake_gateway
 
 # Greedy and short: the real model's answers stay quick.
 SAMPLING: dict[str, Any] = {"max_tokens": 8, "temperature": 0}

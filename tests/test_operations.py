@@ -26,9 +26,9 @@ from app.cli import cli
 from app.main import create_app
 from app.schemas import ExchangeRecord, read_record
 from tests.conftest import closed_port_url, make_settings
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, bound_socket, serve_in_thread
-from tests.sse import aparse_events
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, bound_socket, serve_in_thread
+from tests.support.sse import aparse_events
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,7 +155,7 @@ def test_a_torn_last_line_is_ended_before_the_next_record(fake_server: RunningSe
     log_path.write_bytes(old + torn)
     settings = make_settings(ollama_base_url=fake_server.url, log_path=log_path)
 
-    with collected("app.interactions.jsonl") as records, serve_in_thread(create_app(settings)) as minivault:
+    with collected("app.exchanges.jsonl") as records, serve_in_thread(create_app(settings)) as minivault:
         answer = httpx.post(f"{minivault.url}/generate", json={"prompt": "after the crash"}, timeout=30)
         minivault.stop()
 

@@ -19,12 +19,12 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from websockets.sync.client import connect
 
 from app import __version__
-from app.auth import key_id
 from app.main import create_app
-from tests.browser import console_errors, screenshot, start_chromium
+from app.web.auth import key_id
 from tests.conftest import closed_port_url, make_settings, read_log
-from tests.fake_ollama import DEFAULT_MODELS, SPECIAL_MODELS, FakeOllama
-from tests.servers import REPO_ROOT, RunningServer, serve_in_thread
+from tests.support.browser import console_errors, screenshot, start_chromium
+from tests.support.fake_ollama import DEFAULT_MODELS, SPECIAL_MODELS, FakeOllama
+from tests.support.servers import REPO_ROOT, RunningServer, serve_in_thread
 
 KEY = "k1-playground"
 ALL_MODELS = DEFAULT_MODELS + SPECIAL_MODELS

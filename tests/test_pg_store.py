@@ -1,6 +1,6 @@
 """The storage contract, held by SQLite and PostgreSQL alike (search, filters, cursors, stats, idempotent
 inserts, conversations), and what only PostgreSQL adds: two replicas sharing one database, its lock on a
-conversation, and a schema migrated by replicas that start together. PostgreSQL is real (tests/postgres.py)."""
+conversation, and a schema migrated by replicas that start together. PostgreSQL is real (tests/support/postgres.py)."""
 
 import asyncio
 import time
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 
-from app.conversations import ContextLimits, ConversationMemory
+from app.core.conversations import ContextLimits, ConversationMemory
 from app.schemas import LoggedError
 from app.store import ConversationStore, HistoryQuery, HistoryStore, Turn, pg_history, sqlite_history
 from app.store.pg import open_pg_stores
@@ -26,7 +26,7 @@ from tests.conftest import closed_port_url, make_settings
 from tests.test_history import DAY, record, within_one_percent
 
 if TYPE_CHECKING:  # imported by pytest as a plugin, before this module could import it
-    from tests.postgres import PostgresServer
+    from tests.support.postgres import PostgresServer
 
 pytestmark = pytest.mark.anyio
 STORES = ["sqlite", "postgres"]

@@ -19,9 +19,9 @@ from starlette.types import Receive, Scope, Send
 
 from app.main import create_app
 from tests.conftest import closed_port_url, make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import FakeOllamaProcess, RunningServer, serve_in_thread
-from tests.sse import aparse_events, parse_events
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import FakeOllamaProcess, RunningServer, serve_in_thread
+from tests.support.sse import aparse_events, parse_events
 
 pytestmark = pytest.mark.anyio
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from app.main import create_app
 from tests.conftest import closed_port_url, make_settings
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 NEWMAN = ROOT / "node_modules" / ".bin" / "newman"

@@ -8,7 +8,7 @@ from httpx_sse import connect_sse
 
 from app.main import create_app
 from tests.conftest import make_settings
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 
 
 def pull_events(url: str, body: object) -> tuple[httpx.Response, list[tuple[str, dict]]]:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from app.admission import Admission, Ticket
-from app.admission_redis import RedisAdmission
+from app.admission.opening import open_limits, redis_client
+from app.admission.rate import LocalRateLimit, RedisRateLimit
+from app.admission.redis_slots import RedisAdmission
+from app.admission.slots import Admission, Ticket
 from app.errors import Busy, RateLimited
-from app.limits import open_limits, redis_client
-from app.rate_limit import LocalRateLimit, RedisRateLimit
 from tests.conftest import make_settings
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -162,8 +162,8 @@ async def test_released_slot_reaches_the_other_replicas_waiter_by_notification(
 
 DYING_REPLICA = """
 import asyncio, sys
-from app.admission_redis import RedisAdmission
-from app.limits import redis_client
+from app.admission.redis_slots import RedisAdmission
+from app.admission.opening import redis_client
 
 async def main():
     admission = RedisAdmission(redis_client(sys.argv[1]), 2, 10, float(sys.argv[2]))

@@ -23,16 +23,16 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from app.auth import key_id
-from app.core import Exchange
+from app.core.service import Exchange
 from app.errors import InvalidRequest
-from app.interactions import JsonlWriter
+from app.exchanges import JsonlWriter
+from app.exchanges.metrics import Metrics
 from app.main import create_app
-from app.metrics import Metrics
 from app.schemas import REFUSED_TEXT_CHARS, ExchangeRecord, RefusedRecord
 from app.store.sqlite_history import SqliteHistory
+from app.web.auth import key_id
 from tests.conftest import make_settings, read_log
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 MAX_PROMPT_CHARS = 1000
@@ -318,7 +318,7 @@ def summarized(metrics: Metrics, writer: str) -> float:
 async def test_the_log_over_its_byte_bound_summarizes_refusals_and_keeps_every_accepted_line(
     log_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="app.interactions.jsonl")
+    caplog.set_level(logging.WARNING, logger="app.exchanges.jsonl")
     metrics = Metrics()
     line_bytes = len(orjson.dumps(record(0), option=orjson.OPT_APPEND_NEWLINE))
     writer = JsonlWriter(log_path, max_queue_bytes=10 * line_bytes, on_summarized=metrics.summarized("log"))
@@ -345,7 +345,7 @@ async def test_the_log_over_its_byte_bound_summarizes_refusals_and_keeps_every_a
 async def test_the_history_over_its_byte_bound_summarizes_refusals_and_stores_every_accepted_exchange(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="app.store.batch_writer")
+    caplog.set_level(logging.WARNING, logger="app.exchanges.batch_writer")
     metrics = Metrics()
     history = SqliteHistory(tmp_path / "h.db", linger=0)
     history.bound_queue(20_000, metrics.summarized("history"))  # a row of 400 characters counts 912 bytes
@@ -418,16 +418,18 @@ async def test_a_refusal_flood_against_a_stuck_log_is_summarized_in_metrics_and_
     assert counts == {"log": 200.0, "history": 200.0}  # the history summarizes what the log did
     assert stored_while_stuck == 0  # the history waits for the log: it never holds what the log lacks
     assert stored_ids(tmp_path / "minivault.db") == sorted(ids)
-    log_warnings = [r for r in caplog.records if r.name == "app.interactions.jsonl" and "QUEUE_BYTES" in r.getMessage()]
-    history_warnings = [r for r in caplog.records if r.name == "app.store.batch_writer" and "summar" in r.getMessage()]
+    log_warnings = [r for r in caplog.records if r.name == "app.exchanges.jsonl" and "QUEUE_BYTES" in r.getMessage()]
+    history_warnings = [
+        r for r in caplog.records if r.name == "app.exchanges.batch_writer" and "summar" in r.getMessage()
+    ]
     assert (len(log_warnings), len(history_warnings)) == (1, 1)
 
 
 async def test_a_queued_exchange_cut_off_by_shutdown_is_kept_whole() -> None:
     # Queued is accepted: the client may have had `queued` events already, so its record is no refusal.
-    from app.admission import Admission
+    from app.admission.slots import Admission
     from app.backends import ChatInput
-    from app.core import GenerationService, Timeouts
+    from app.core.service import GenerationService, Timeouts
 
     records: list[ExchangeRecord] = []
     backend: Any = SimpleNamespace(name="ollama", default_model="m")

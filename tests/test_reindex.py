@@ -20,7 +20,7 @@ from app.cli import cli
 from app.main import create_app
 from app.schemas import ExchangeRecord, LoggedError
 from tests.conftest import closed_port_url, make_settings
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()

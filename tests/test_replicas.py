@@ -21,14 +21,14 @@ import psycopg
 import pytest
 import redis
 
-from app.auth import key_id
 from app.store.pg_conversations import lock_key
 from app.store.pg_schema import SCHEMA_VERSION
-from tests.fake_ollama import FakeOllama
-from tests.postgres import PostgresServer
-from tests.redis_server import RedisServer
-from tests.servers import REPO_ROOT, RunningServer, bound_socket, serve_in_thread
-from tests.sse import aparse_events
+from app.web.auth import key_id
+from tests.support.fake_ollama import FakeOllama
+from tests.support.postgres import PostgresServer
+from tests.support.redis_server import RedisServer
+from tests.support.servers import REPO_ROOT, RunningServer, bound_socket, serve_in_thread
+from tests.support.sse import aparse_events
 
 pytestmark = pytest.mark.anyio
 

@@ -8,8 +8,8 @@ import pytest
 
 from app.main import create_app
 from tests.conftest import closed_port_url, make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
 
 
 def test_generate_returns_the_answer_and_the_documented_fields(minivault: RunningServer, log_path: Path) -> None:

@@ -12,12 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
-from app.interactions import JsonlWriter
-from app.interactions.reader import follow, last_lines, log_files, read_dicts, read_records
+from app.exchanges import JsonlWriter
+from app.exchanges.reader import follow, last_lines, log_files, read_dicts, read_records
 from app.main import create_app
 from app.schemas import ExchangeRecord, read_record
 from tests.conftest import make_settings
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -125,7 +125,7 @@ WRITER_PROCESS = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from app.interactions import JsonlWriter
+    from app.exchanges import JsonlWriter
     from app.schemas import ExchangeRecord
 
     path, start = Path(sys.argv[1]), int(sys.argv[2])

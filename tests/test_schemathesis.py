@@ -5,7 +5,7 @@ once without API keys and once with a key passed as a Bearer header. A run fails
 on any error, and on warnings that mean part of the schema went untested (an unresolvable `$ref` is only
 a warning to schemathesis, and the operation behind it would otherwise pass while barely tested).
 A failure prints the command and schemathesis' report, with a curl line per failing case; to rerun by hand,
-serve MiniVault in front of `python -m tests.fake_ollama` and point the same command at it.
+serve MiniVault in front of `python -m tests.support.fake_ollama` and point the same command at it.
 """
 
 import json
@@ -18,7 +18,7 @@ import pytest
 
 from app.main import create_app
 from tests.conftest import make_settings
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 
 API_KEY = "test-key"
 # Warnings about the schema or the run itself, as opposed to statistics about the generated data.

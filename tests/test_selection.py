@@ -13,7 +13,7 @@ import pytest
 import app.backends
 from app.main import create_app
 from tests.conftest import closed_port_url, make_settings, read_log
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.servers import RunningServer, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 

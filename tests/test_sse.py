@@ -6,9 +6,9 @@ import httpx
 import pytest
 
 from tests.conftest import read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer
-from tests.sse import aparse_events, parse_events
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer
+from tests.support.sse import aparse_events, parse_events
 
 pytestmark = pytest.mark.anyio
 

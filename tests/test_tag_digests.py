@@ -15,8 +15,8 @@ from starlette.types import Receive, Scope, Send
 
 from app.main import create_app
 from tests.conftest import make_settings
-from tests.dialect_servers import embedded_gateway, wait_started
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.dialect_servers import embedded_gateway, wait_started
+from tests.support.servers import RunningServer, serve_in_thread
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -24,8 +24,8 @@ from app.config import ConfigError, load_settings, redact_url
 from app.main import create_app
 from app.routes.health import public_text
 from tests.conftest import closed_port_url, make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
 
 USER, PASSWORD = "vault", "Zx9-pa@55"  # the `@` travels percent-encoded in the URL
 USERINFO = f"{USER}:Zx9-pa%4055"

@@ -1,5 +1,5 @@
 """What a web page in the user's browser could make MiniVault do, tried as the attacker would, and the web
-edge's checks one by one (app/edge.py); then non-finite numbers in JSON bodies (app/schemas.py).
+edge's checks one by one (app/web/edge.py); then non-finite numbers in JSON bodies (app/schemas.py).
 
 The attacks run in real headless Chromium: the attacker's page is served from a second loopback origin
 (another port), and a DNS-rebinding name (`rebind.test`) is mapped to 127.0.0.1 by Chromium's resolver
@@ -31,16 +31,17 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
 
-from app.edge import WebGuardMiddleware
 from app.main import create_app
-from app.request_id import RequestIdMiddleware
-from tests.browser import start_chromium
+from app.web.edge import WebGuardMiddleware
+from app.web.request_id import RequestIdMiddleware
 from tests.conftest import make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.browser import start_chromium
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
 
 REBIND_HOST = "rebind.test"
-# Chromium resolves the rebinding name to loopback, everything else but 127.0.0.1 to nothing (as tests/browser.py).
+# Chromium resolves the rebinding name to loopback, everything else but 127.0.0.1 to nothing
+# (as tests/support/browser.py).
 RESOLVER_RULES = f"--host-resolver-rules=MAP {REBIND_HOST} 127.0.0.1, MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
 MODEL = "tinyllama:1.1b-chat"
 WAIT = 15.0
@@ -175,7 +176,7 @@ def attacker() -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    """Headless Chromium as tests/browser.py starts it, but with `rebind.test` resolving to 127.0.0.1."""
+    """Headless Chromium as tests/support/browser.py starts it, but with `rebind.test` resolving to 127.0.0.1."""
     driver = start_chromium(tmp_path_factory.mktemp("attack-profile"), RESOLVER_RULES)
     driver.set_script_timeout(WAIT)
     try:

@@ -8,8 +8,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer
 
 pytestmark = pytest.mark.anyio
 

@@ -1,6 +1,6 @@
 """`minivault logs`: the last exchanges, following new ones, searching, and rebuilding the history database.
 
-The log readers (app.interactions.reader) are imported where they are used: they bring in pydantic,
+The log readers (app.exchanges.reader) are imported where they are used: they bring in pydantic,
 which would add a tenth of a second to every `minivault "prompt"`.
 """
 
@@ -59,8 +59,8 @@ def logs(
     """Show the last lines of the interaction log (`minivault logs -n 20 --follow`)."""
     if ctx.invoked_subcommand is not None:
         return
-    from app.interactions.reader import follow as follow_log
-    from app.interactions.reader import last_lines, log_files
+    from app.exchanges.reader import follow as follow_log
+    from app.exchanges.reader import last_lines, log_files
 
     if not log_files(path) and not follow:
         _no_log(path)
@@ -233,7 +233,7 @@ def _error_code(response: httpx.Response) -> str | None:
 
 
 def _search_files(path: Path, text: str, filters: _Filters, limit: int) -> list[dict[str, Any]]:
-    from app.interactions.reader import log_files, read_dicts
+    from app.exchanges.reader import log_files, read_dicts
 
     if not log_files(path):
         _no_log(path)
@@ -254,7 +254,7 @@ def reindex(path: LogPath = DEFAULT_LOG, db: DbPath = None) -> None:
     """Rebuild the history database from the log and its rotated files.
 
     Records already in the database (by id) are left as they are, so running it again adds nothing."""
-    from app.interactions.reader import log_files, read_records
+    from app.exchanges.reader import log_files, read_records
     from app.store.sqlite_history import SqliteHistory
 
     files = log_files(path)
@@ -317,7 +317,7 @@ def _warn_skipped(line: bytes) -> None:
 
 
 def _print_line(line: bytes, as_json: bool) -> None:
-    from app.interactions.reader import parse_line
+    from app.exchanges.reader import parse_line
 
     record = parse_line(line)
     if record is None:

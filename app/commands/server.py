@@ -41,10 +41,10 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     reload: Annotated[bool, typer.Option(help="Restart when the code changes (development).")] = False,
 ) -> None:
-    """Start the MiniVault API (the same as `make run`), with the connection guards (app/connections.py)."""
+    """Start the MiniVault API (the same as `make run`), with the connection guards (app/web/connections.py)."""
     import uvicorn
 
-    from app.connections import PROTOCOL_PATH
+    from app.web.connections import PROTOCOL_PATH
 
     uvicorn.run("app.main:app", host=host, port=port, reload=reload, http=PROTOCOL_PATH)
 

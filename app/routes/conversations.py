@@ -6,12 +6,12 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from app.auth import key_id_of, visible_to
-from app.conversations import ConversationMemory
+from app.core.conversations import ConversationMemory
 from app.errors import InvalidRequest, NotFound
 from app.routes.generate import ERRORS
 from app.schemas import ErrorBody, parse_body
 from app.store import Conversation
+from app.web.auth import key_id_of, visible_to
 
 router = APIRouter(prefix="/conversations", tags=["conversations"])
 

@@ -6,13 +6,13 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.auth import is_admin, key_id_of
 from app.config import Settings
-from app.core import GenerationService, Queued
+from app.core.service import GenerationService, Queued
 from app.errors import InvalidRequest, PayloadTooLarge
-from app.request_id import client_of, request_id_of
-from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream, sse_doc, sse_event
 from app.schemas import ErrorBody, GenerateResponse, parse_generate_request
+from app.web.auth import is_admin, key_id_of
+from app.web.request_id import client_of, request_id_of
+from app.web.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream, sse_doc, sse_event
 
 router = APIRouter()
 

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Request
 
 from app import __version__
 from app.backends import Backend, BackendStatus, HostPool
-from app.bootstrap import ModelBootstrap
 from app.config import redact_url
-from app.deps import BackendDep, LogDep, ProbeDep
-from app.interactions import JsonlWriter
-from app.responses import OrjsonResponse
+from app.core.autopull import ModelBootstrap
+from app.exchanges import JsonlWriter
+from app.web.deps import BackendDep, LogDep, ProbeDep
+from app.web.responses import OrjsonResponse
 
 router = APIRouter()
 

@@ -11,13 +11,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from app.auth import visible_to
 from app.errors import NotFound
-from app.responses import OrjsonResponse
 from app.routes.generate import ERRORS
 from app.schemas import Endpoint, ErrorBody, ExchangeRecord, Status
 from app.store import HistoryQuery, HistoryStore
 from app.store.sqlite_history import CURSOR_PATTERN, PAIRED_QUOTES, RANK_WINDOW
+from app.web.auth import visible_to
+from app.web.responses import OrjsonResponse
 
 router = APIRouter(prefix="/history", tags=["history"])
 

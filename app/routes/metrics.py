@@ -5,7 +5,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.metrics import Metrics
+from app.exchanges.metrics import Metrics
 
 router = APIRouter()
 

@@ -6,13 +6,13 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.backends import SupportsPull
-from app.deps import BackendDep
+from app.core.model_policy import ModelManagement, check_name
 from app.errors import NotSupported
-from app.model_policy import ModelManagement, check_name
-from app.request_id import request_id_of
-from app.responses import OrjsonResponse, open_event_stream, sse_doc, sse_event
 from app.routes.generate import ERRORS
 from app.schemas import ErrorBody, PullRequest, parse_body
+from app.web.deps import BackendDep
+from app.web.request_id import request_id_of
+from app.web.responses import OrjsonResponse, open_event_stream, sse_doc, sse_event
 
 router = APIRouter()
 

@@ -12,12 +12,12 @@ import orjson
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from app.auth import is_admin, key_id_of
-from app.core import Exchange, GenerationService
+from app.core.service import Exchange, GenerationService
 from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge, TooManyInvalidFrames
-from app.request_id import acceptable_request_id, client_of, new_request_id
-from app.responses import ws_error_frame
 from app.schemas import parse_generate_request
+from app.web.auth import is_admin, key_id_of
+from app.web.request_id import acceptable_request_id, client_of, new_request_id
+from app.web.responses import ws_error_frame
 
 router = APIRouter()
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from app.schemas import Endpoint, ExchangeRecord, Status
 
 if TYPE_CHECKING:
-    from app.store.batch_writer import FollowedLog
+    from app.exchanges.batch_writer import FollowedLog
 
 
 @dataclass(slots=True, kw_only=True)

@@ -26,10 +26,10 @@ import psycopg
 from psycopg.errors import ProgramLimitExceeded, QueryCanceled
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from app.exchanges.batch_writer import BatchWriter
 from app.schemas import ExchangeRecord, LoggedError
 from app.store import sqlite_history
 from app.store.base import HistoryPage, HistoryQuery
-from app.store.batch_writer import BatchWriter
 from app.store.pg_schema import TEXT_CONFIG, PgUnavailable, connect, describe, migrate
 from app.store.sqlite_history import (
     PERCENTILES,

@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from app.errors import InvalidRequest, QueryTooExpensive
+from app.exchanges.batch_writer import BatchWriter
 from app.schemas import ExchangeRecord, LoggedError
 from app.store.base import HistoryPage, HistoryQuery
-from app.store.batch_writer import BatchWriter
 
 if TYPE_CHECKING:
     from app.config import Settings

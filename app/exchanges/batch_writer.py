@@ -30,7 +30,7 @@ _LOG_FLUSH_TIMEOUT = 10.0
 
 
 class FollowedLog(Protocol):
-    """What the history needs of the interaction log (app.interactions.JsonlWriter) to come after it."""
+    """What the history needs of the interaction log (app.exchanges.JsonlWriter) to come after it."""
 
     lines_queued: int
     lines_settled: int

@@ -9,8 +9,8 @@ from fastapi import Depends
 from starlette.requests import HTTPConnection
 
 from app.backends import Backend
-from app.health import BackendProbe
-from app.interactions import JsonlWriter
+from app.backends.probe import BackendProbe
+from app.exchanges import JsonlWriter
 
 
 async def _backend(connection: HTTPConnection) -> Backend:

@@ -1,6 +1,6 @@
 """A real Redis for the tests: Debian's redis-server on a free loopback port, one per test run.
 
-Use the fixtures `redis_server` and `redis_url` by importing them (`from tests.redis_server import
+Use the fixtures `redis_server` and `redis_url` by importing them (`from tests.support.redis_server import
 redis_server_fixture, redis_url_fixture  # noqa: F401`: named apart, so test parameters do not redefine them);
 modules that import them share the one server (it is counted, and stopped when the last session fixture ends).
 `redis_url` empties it before each test.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 START_TIMEOUT = 15.0
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from app.core import GenerationService
+from app.core.service import GenerationService
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from contextlib import AsyncExitStack
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.admission import Admission, AdmissionControl
-from app.admission_redis import RedisAdmission
+from app.admission.rate import LocalRateLimit, RateLimiter, RedisRateLimit
+from app.admission.redis_slots import RedisAdmission
+from app.admission.slots import Admission, AdmissionControl
 from app.config import Settings
-from app.rate_limit import LocalRateLimit, RateLimiter, RedisRateLimit
 
 logger = logging.getLogger(__name__)
 

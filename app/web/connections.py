@@ -10,7 +10,7 @@ every socket. `GuardedProtocol` is that protocol plus, per connection:
 - a cap on open connections (MINIVAULT_MAX_CONNECTIONS): a new connection over it closes the oldest one still
   sending its head (slowloris), else it gets `503 too_many_connections` with Retry-After.
 
-Serve it with `uvicorn app.main:app --http app.connections:GuardedProtocol`, as `make run`, `minivault serve`
+Serve it with `uvicorn app.main:app --http app.web.connections:GuardedProtocol`, as `make run`, `minivault serve`
 and the Dockerfile do. Per chunk it costs one attribute write, plus an add and a compare while a head arrives;
 deadlines are checked by one sweep per server every half second, not by a timer per connection.
 """
@@ -30,12 +30,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import Settings, load_settings
 from app.errors import HeadersTooLarge, MiniVaultError, RequestTimeout, TooManyConnections, error_body
-from app.request_id import HEADER, new_request_id
+from app.web.request_id import HEADER, new_request_id
 
 logger = logging.getLogger(__name__)
 
 # What `--http` takes (uvicorn resolves an import string itself).
-PROTOCOL_PATH = "app.connections:GuardedProtocol"
+PROTOCOL_PATH = "app.web.connections:GuardedProtocol"
 DEFAULT_MAX_CONNECTIONS = 4096
 # Descriptors kept free beside the upstream pool's: listening sockets, the log, SQLite, the embedded engine.
 RESERVED_DESCRIPTORS = 64

@@ -2,7 +2,7 @@
 
 The driver path is given, so Selenium Manager never runs (it would fetch a browser and a driver);
 every host name but 127.0.0.1 resolves to nothing, so a page that reaches off the machine fails loudly.
-`python -m tests.browser` retakes the README's docs/playground.png with the bundled model.
+`python -m tests.support.browser` retakes the README's docs/playground.png with the bundled model.
 """
 
 import sys
@@ -19,7 +19,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from app.main import create_app
 from tests.conftest import make_settings
-from tests.servers import REPO_ROOT, serve_in_thread
+from tests.support.servers import REPO_ROOT, serve_in_thread
 
 # Debian's chromium and chromium-driver packages (`make system-deps`).
 CHROMIUM = "/usr/bin/chromium"
@@ -118,6 +118,6 @@ def _chat_for_the_readme(driver: WebDriver, url: str, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    # `python -m tests.browser [path]` rewrites docs/playground.png; it needs the embedded model installed
+    # `python -m tests.support.browser [path]` rewrites docs/playground.png; it needs the embedded model installed
     # (requirements-embedded.txt).
     take_playground_screenshot(Path(sys.argv[1]) if len(sys.argv) > 1 else PLAYGROUND_PNG)

@@ -5,7 +5,7 @@ libraries, Open WebUI, editors) can use MiniVault, the embedded engine included.
 Generation goes through the service like `/generate` (auth, limits, timeouts, the log with
 `endpoint: "ollama"`, the history). Model management (`/api/pull`, `/api/delete`, ...) only means
 something to a real Ollama: it is passed through to it, and refused with 501 on other backends. It
-needs an admin key, and the names it sends must pass the registry rules (app.model_policy).
+needs an admin key, and the names it sends must pass the registry rules (app.core.model_policy).
 Errors take Ollama's shape, `{"error": "..."}`.
 """
 
@@ -17,12 +17,12 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from app.backends import Backend, HostPool, ModelInfo, SupportsForward
-from app.dialects import ollama
+from app.core.model_policy import MANAGEMENT_PATHS, NAMING_PATHS, ModelManagement
+from app.dialects.ollama import wire as ollama
+from app.dialects.relay import answer, read_exchange
 from app.errors import InvalidRequest, ModelNotFound, NotSupported
-from app.model_policy import MANAGEMENT_PATHS, NAMING_PATHS, ModelManagement
-from app.responses import OrjsonResponse
-from app.routes.relay import answer, read_exchange
 from app.schemas import describe_validation_errors, reject_non_finite
+from app.web.responses import OrjsonResponse
 
 router = APIRouter(prefix="/api", tags=["Ollama-compatible"])
 

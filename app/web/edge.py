@@ -24,8 +24,8 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import HostNotAllowed, MiniVaultError, OriginNotAllowed, UnsupportedMediaType
-from app.request_id import new_request_id
-from app.responses import error_response, send_ws_error
+from app.web.request_id import new_request_id
+from app.web.responses import error_response, send_ws_error
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

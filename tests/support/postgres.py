@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 # Debian installs each major version side by side; the newest one present is used.
 PG_ROOT = Path("/usr/lib/postgresql")

@@ -68,7 +68,7 @@ def serve_in_thread(app: ASGIApp, *, lifespan: str = "on", ws_ping: float | None
         sock.close()
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -107,7 +107,7 @@ class FakeOllamaProcess:
         if self.running:
             raise RuntimeError(f"the fake Ollama is already running on {self.url}")
         self._reap()
-        command = [sys.executable, "-m", "tests.fake_ollama", "--port", str(self.port)]
+        command = [sys.executable, "-m", "tests.support.fake_ollama", "--port", str(self.port)]
         if self.delay is not None:
             command += ["--delay", str(self.delay)]
         self._output = tempfile.TemporaryFile()

@@ -351,7 +351,7 @@ async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    """Serve the fake on a loopback port: `python -m tests.fake_ollama --port 11434 [--delay 0.05]`."""
+    """Serve the fake on a loopback port: `python -m tests.support.fake_ollama --port 11434 [--delay 0.05]`."""
     import argparse
 
     import uvicorn
@@ -364,7 +364,7 @@ def main() -> None:
     if args.fast:
         import uvloop
 
-        from tests.fake_ollama_fast import serve
+        from tests.support.fake_ollama_fast import serve
 
         uvloop.run(serve("127.0.0.1", args.port))
         return

@@ -23,9 +23,9 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from app.admission import Ticket, busy, retry_after, share_exceeded
+from app.admission.rate import REDIS_CALL_TIMEOUT, redis_unavailable
+from app.admission.slots import Ticket, busy, retry_after, share_exceeded
 from app.errors import Busy
-from app.rate_limit import REDIS_CALL_TIMEOUT, redis_unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from app.admission import AdmissionControl
+from app.admission.rate import RateLimiter
+from app.admission.slots import AdmissionControl
 from app.backends import Backend, ChatInput, Completion
-from app.conversations import ConversationMemory
+from app.core.conversations import ConversationMemory
 from app.errors import BackendTimeout, InvalidRequest, MiniVaultError, RateLimited, ShuttingDown
-from app.rate_limit import RateLimiter
 from app.schemas import (
     REFUSED_TEXT_CHARS,
     Endpoint,
@@ -96,7 +96,7 @@ class Exchange:
         self.model = model or backend.default_model
         # False for dialects whose streams have no way to say "you are number 3 in the queue".
         self.announce_queue = True
-        # Set by the routes (app.auth.is_admin): an admin key may continue any key's conversation.
+        # Set by the routes (app.web.auth.is_admin): an admin key may continue any key's conversation.
         self.admin = False
         self.ts = datetime.now(UTC)
         self.started = time.perf_counter()

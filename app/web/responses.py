@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.errors import MiniVaultError, error_body, ollama_error, openai_error_body
-from app.request_id import HEADER
+from app.web.request_id import HEADER
 
 T = TypeVar("T")
 

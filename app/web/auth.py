@@ -16,10 +16,10 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import Unauthorized
-from app.request_id import request_id_of
-from app.responses import error_response, send_ws_error
 from app.routes.pages import OPEN_PATHS as PAGE_PATHS
 from app.routes.pages import OPEN_PREFIXES as PAGE_PREFIXES
+from app.web.request_id import request_id_of
+from app.web.responses import error_response, send_ws_error
 
 # The pages hold no data: the playground and the docs ask for the key themselves, then send it.
 OPEN_PATHS = frozenset({"/health", "/ready"}) | PAGE_PATHS

@@ -2,7 +2,7 @@
 key holding more than its share of the queue (MINIVAULT_MAX_QUEUE_PER_KEY), so one key's burst cannot
 lock the others out.
 
-`Admission` keeps both in this process; `app.admission_redis.RedisAdmission` shares them between
+`Admission` keeps both in this process; `app.admission.redis_slots.RedisAdmission` shares them between
 replicas through Redis. Both have the async interface `AdmissionControl` describes.
 """
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from app.backends import Backend, SupportsPull
 from app.config import Settings
-from app.core import GenerationService
+from app.core.service import GenerationService
 from app.errors import MiniVaultError, ModelLoading
 
 logger = logging.getLogger(__name__)

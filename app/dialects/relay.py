@@ -8,13 +8,13 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.auth import key_id_of
 from app.backends import ChatInput
-from app.core import Exchange, GenerationService
+from app.core.service import Exchange, GenerationService
 from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge
-from app.request_id import client_of, request_id_of
-from app.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream
 from app.schemas import Endpoint
+from app.web.auth import key_id_of
+from app.web.request_id import client_of, request_id_of
+from app.web.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream
 
 P = TypeVar("P")
 

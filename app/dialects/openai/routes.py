@@ -13,11 +13,11 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from app.backends import Backend, ChatInput, ModelInfo
-from app.core import Exchange
-from app.dialects import openai
+from app.core.service import Exchange
+from app.dialects.openai import wire as openai
+from app.dialects.relay import answer, read_exchange
 from app.errors import ModelNotFound
-from app.responses import OrjsonResponse
-from app.routes.relay import answer, read_exchange
+from app.web.responses import OrjsonResponse
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 

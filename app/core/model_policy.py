@@ -16,10 +16,10 @@ from typing import Any
 import orjson
 from fastapi import Depends, Request
 
-from app.auth import is_admin
 from app.config import Settings
 from app.errors import Forbidden, InvalidRequest, PushNotAllowed, RegistryNotAllowed
 from app.schemas import reject_non_finite
+from app.web.auth import is_admin
 
 # Ollama's library: what a name without a host means, always allowed.
 LIBRARY_HOST = "registry.ollama.ai"

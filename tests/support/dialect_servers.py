@@ -16,8 +16,8 @@ from fastapi import FastAPI
 
 from app.main import create_app
 from tests.conftest import make_settings, read_log
-from tests.fake_ollama import FakeOllama
-from tests.servers import RunningServer, serve_in_thread
+from tests.support.fake_ollama import FakeOllama
+from tests.support.servers import RunningServer, serve_in_thread
 
 LOG_WAIT = 10.0
 

@@ -1,0 +1,1 @@
+"""Ollama's API: its wire models (`wire`) and routes (`routes`)."""

@@ -1,0 +1,1 @@
+"""OpenAI's API: its wire models (`wire`) and routes (`routes`)."""

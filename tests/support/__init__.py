@@ -1,0 +1,1 @@
+"""What the tests share: fake upstreams, real servers started on loopback, browsers and stream readers."""
