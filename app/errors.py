@@ -151,24 +151,6 @@ def error_body(error: MiniVaultError, request_id: str) -> dict[str, Any]:
     return {"error": error.to_dict(request_id)}
 
 
-def openai_error_body(error: MiniVaultError) -> dict[str, Any]:
-    """OpenAI's error body, `{"error": {"message", "type", "code", "param"}}`; the status stays MiniVault's."""
-    if error.status == 401:
-        kind = "authentication_error"
-    elif error.status == 429:
-        kind = "rate_limit_error"
-    elif error.status >= 500:
-        kind = "server_error"
-    else:
-        kind = "invalid_request_error"
-    return {"error": {"message": error.message, "type": kind, "code": error.code, "param": error.param}}
-
-
-def ollama_error(error: MiniVaultError) -> tuple[int, dict[str, Any]]:
-    """Ollama's status and body, `{"error": "..."}`: Ollama answers a bad request with 400, not 422."""
-    return (400 if error.status == 422 else error.status), {"error": error.message}
-
-
 # --- A key is not root: model management needs an admin key; registries; the queue share.
 
 

@@ -46,6 +46,7 @@ from app.web.auth import OPEN_PATHS, ApiKeyMiddleware
 from app.web.body_limit import BodyLimitMiddleware
 from app.web.connections import check_connection_guards
 from app.web.edge import WebGuardMiddleware
+from app.web.errors import register_dialect
 from app.web.request_id import RequestIdMiddleware, request_id_of
 from app.web.responses import error_response
 
@@ -155,8 +156,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # per request (bench/: the dialects cost 1.17-1.28x /generate's CPU when they came last): the
     # prompt routes come first.
     app.include_router(generate.router)
-    app.include_router(openai_api.router)
-    app.include_router(ollama_api.router)
+    register_dialect(app, openai_api.DIALECT)
+    register_dialect(app, ollama_api.DIALECT)
     app.include_router(ws.router)
     app.include_router(health.router)
     app.include_router(models.router)
@@ -295,12 +296,12 @@ def _is_loopback(host: str) -> bool:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MiniVaultError)
     async def on_minivault_error(request: Request, exc: MiniVaultError) -> Response:
-        return error_response(exc, request_id_of(request), path=request.url.path)
+        return error_response(exc, request_id_of(request), scope=request.scope)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         error = InvalidRequest(describe_validation_errors(exc))  # type: ignore[arg-type]
-        return error_response(error, request_id_of(request), path=request.url.path)
+        return error_response(error, request_id_of(request), scope=request.scope)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -313,11 +314,11 @@ def _add_error_handlers(app: FastAPI) -> None:
             # Starlette's Allow names the methods of the first route on the path; a path served by
             # several routes (GET and POST /conversations) takes all of theirs.
             allowed = _allowed_methods(app, request.url.path)
-            return error_response(error, request_id_of(request), {"Allow": ", ".join(allowed)}, request.url.path)
+            return error_response(error, request_id_of(request), {"Allow": ", ".join(allowed)}, request.scope)
         else:
             error = MiniVaultError(str(exc.detail))
             error.status = exc.status_code  # type: ignore[misc]
-        return error_response(error, request_id_of(request), exc.headers, request.url.path)
+        return error_response(error, request_id_of(request), exc.headers, request.scope)
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> Response:
@@ -325,7 +326,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         request_id = request.scope.get("state", {}).get("request_id", "unknown")
         logger.exception("unhandled error in %s %s (%s)", request.method, request.url.path, request_id)
         error = MiniVaultError("MiniVault hit an internal error; the server log has the details")
-        return error_response(error, request_id, path=request.url.path)
+        return error_response(error, request_id, scope=request.scope)
 
 
 try:

@@ -92,7 +92,7 @@ class ApiKeyMiddleware:
             await send_ws_error(receive, send, error, request_id)
         else:
             headers = {"WWW-Authenticate": 'Bearer realm="minivault"'}
-            await error_response(error, request_id, headers, scope["path"])(scope, receive, send)
+            await error_response(error, request_id, headers, scope)(scope, receive, send)
 
 
 def _matches(presented: bytes, digests: list[bytes]) -> bool:

@@ -156,7 +156,7 @@ class WebGuardMiddleware:
         if kind == "websocket":
             await send_ws_error(receive, send, error, request_id)
         else:
-            await error_response(error, request_id, path=scope["path"])(scope, receive, send)
+            await error_response(error, request_id, scope=scope)(scope, receive, send)
 
     def _host_allowed(self, scope: Scope, host: bytes) -> bool:
         if self._any_host:

@@ -10,7 +10,8 @@ import orjson
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.errors import MiniVaultError, error_body, ollama_error, openai_error_body
+from app.errors import MiniVaultError, error_body
+from app.web.errors import minivault_error, shapes_of
 from app.web.request_id import HEADER
 
 T = TypeVar("T")
@@ -23,27 +24,17 @@ class OrjsonResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-# Paths answered in another API's dialect: their errors take that API's shape, so its clients understand them.
-OPENAI_PREFIX = "/v1/"
-OLLAMA_PREFIX = "/api/"
-
-
 def error_response(
-    error: MiniVaultError, request_id: str, headers: Mapping[str, str] | None = None, path: str = ""
+    error: MiniVaultError, request_id: str, headers: Mapping[str, str] | None = None, scope: Scope | None = None
 ) -> OrjsonResponse:
-    """The one HTTP rendering of an error: its status, its body in the dialect of `path`, and its headers.
+    """The one HTTP rendering of an error: its status, its body in the shape of the route's dialect, its headers.
 
-    MiniVault's own routes answer `{"error": {"code", "message", "id"}}`; `/v1/...` answers OpenAI's
-    shape and `/api/...` Ollama's.
+    MiniVault's own routes answer `{"error": {"code", "message", "id"}}`; a registered dialect's routes
+    (and paths under its prefix) answer its shape (app/web/errors.py).
     """
     merged = {**(error.headers or {}), **(headers or {}), HEADER: request_id}
-    status = error.status
-    if path.startswith(OPENAI_PREFIX):
-        body = openai_error_body(error)
-    elif path.startswith(OLLAMA_PREFIX):
-        status, body = ollama_error(error)
-    else:
-        body = error_body(error, request_id)
+    render = shapes_of(scope["app"]).renderer(scope) if scope is not None and "app" in scope else minivault_error
+    status, body = render(error, request_id)
     return OrjsonResponse(body, status_code=status, headers=merged)
 
 

@@ -22,6 +22,7 @@ from app.dialects.ollama import wire as ollama
 from app.dialects.relay import answer, read_exchange
 from app.errors import InvalidRequest, ModelNotFound, NotSupported
 from app.schemas import describe_validation_errors, reject_non_finite
+from app.web.errors import Dialect
 from app.web.responses import OrjsonResponse
 
 router = APIRouter(prefix="/api", tags=["Ollama-compatible"])
@@ -329,3 +330,6 @@ for (_method, _path), (_summary, _example) in _FORWARDED.items():
         name=f"ollama_{_method.lower()}_{_path.strip('/').split('/')[0]}",
         dependencies=[ModelManagement] if _path in MANAGEMENT_PATHS else None,
     )  # fmt: skip
+
+
+DIALECT = Dialect("ollama", router.prefix + "/", router, ollama.error_body, ollama.error_line)

@@ -220,6 +220,11 @@ class LineStream:
         return orjson.dumps(self.final("")) + b"\n"
 
 
+def error_body(error: MiniVaultError, request_id: str) -> tuple[int, dict[str, Any]]:
+    """Ollama's status and body, `{"error": "..."}`: Ollama answers a bad request with 400, not 422."""
+    return (400 if error.status == 422 else error.status), {"error": error.message}
+
+
 def error_line(error: MiniVaultError, request_id: str) -> bytes:
     """A failure after the stream began: Ollama's clients raise on a line holding `error`."""
     return orjson.dumps({"error": error.message}) + b"\n"

@@ -2,7 +2,7 @@
 client (the SDKs, LangChain, Continue, Open WebUI) can use MiniVault by changing its base URL.
 
 Auth, limits, timeouts, the log (`endpoint: "openai"`) and the history apply as on `/generate`;
-errors take OpenAI's shape (`app.errors.openai_error_body`).
+errors take OpenAI's shape (`wire.error_body`, registered with the app as DIALECT).
 """
 
 from collections.abc import Callable
@@ -17,6 +17,7 @@ from app.core.service import Exchange
 from app.dialects.openai import wire as openai
 from app.dialects.relay import answer, read_exchange
 from app.errors import ModelNotFound
+from app.web.errors import Dialect
 from app.web.responses import OrjsonResponse
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
@@ -194,3 +195,6 @@ async def get_model(model_id: str, request: Request) -> OrjsonResponse:
     error = ModelNotFound(f"The model '{model_id}' does not exist here (the backend has: {names})")
     error.param = "model"
     raise error
+
+
+DIALECT = Dialect("openai", router.prefix + "/", router, openai.error_body, openai.error_frame)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.backends import ChatInput
 from app.core.service import Exchange
-from app.errors import InvalidRequest, MiniVaultError, openai_error_body
+from app.errors import InvalidRequest, MiniVaultError
 from app.schemas import INT64_MAX, INT64_MIN, NOT_BLANK, describe_validation_errors, reject_non_finite
 
 S = TypeVar("S", bound="Sampling")
@@ -317,9 +317,22 @@ class ChunkStream:
         return b"".join(b"data: " + orjson.dumps(frame) + b"\n\n" for frame in frames) + b"data: [DONE]\n\n"
 
 
+def error_body(error: MiniVaultError, request_id: str) -> tuple[int, dict[str, Any]]:
+    """OpenAI's error body, `{"error": {"message", "type", "code", "param"}}`; the status stays MiniVault's."""
+    if error.status == 401:
+        kind = "authentication_error"
+    elif error.status == 429:
+        kind = "rate_limit_error"
+    elif error.status >= 500:
+        kind = "server_error"
+    else:
+        kind = "invalid_request_error"
+    return error.status, {"error": {"message": error.message, "type": kind, "code": error.code, "param": error.param}}
+
+
 def error_frame(error: MiniVaultError, request_id: str) -> bytes:
     """A failure after the stream began: OpenAI's SDKs raise on a `data:` frame holding `error`."""
-    return b"data: " + orjson.dumps(openai_error_body(error)) + b"\n\n"
+    return b"data: " + orjson.dumps(error_body(error, request_id)[1]) + b"\n\n"
 
 
 def timestamp(moment: str | None) -> int:
