@@ -23,6 +23,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from app.core.caller import Caller
 from app.core.service import Exchange
 from app.errors import InvalidRequest
 from app.exchanges import JsonlWriter
@@ -110,7 +111,7 @@ async def test_a_refused_prompt_keeps_1024_characters_and_its_true_length_in_the
 def test_only_refusals_are_cut_and_an_error_message_too() -> None:
     # The record itself: a refused exchange is a RefusedRecord with its texts cut; an admitted one is whole.
     backend: Any = SimpleNamespace(name="ollama", default_model="tinyllama:1.1b-chat")
-    refused = Exchange("r", "rest", None, None, backend, prompt=HUGE, system=HUGE, model="m" * 2000)
+    refused = Exchange(Caller("r", "rest"), backend, prompt=HUGE, system=HUGE, model="m" * 2000)
     refused.status, refused.error = "error", InvalidRequest("x" * 5000)
     record = refused.record(keep_text=True)
     assert type(record) is RefusedRecord
@@ -118,7 +119,7 @@ def test_only_refusals_are_cut_and_an_error_message_too() -> None:
     assert (record.prompt_chars, record.error.message if record.error else None) == (1_000_000, "x" * 1024)
     assert REFUSED_TEXT_CHARS == 1024
 
-    admitted = Exchange("a", "rest", None, None, backend, prompt=HUGE, system=HUGE)
+    admitted = Exchange(Caller("a", "rest"), backend, prompt=HUGE, system=HUGE)
     admitted.accepted = True
     admitted.status, admitted.error = "error", InvalidRequest("y" * 5000)  # failed after admission: kept whole
     whole = admitted.record(keep_text=True)
@@ -438,7 +439,7 @@ async def test_a_queued_exchange_cut_off_by_shutdown_is_kept_whole() -> None:
     assert await admission.try_enter()  # the one slot is taken: the next exchange waits in the queue
     consumer = SimpleNamespace(consume=records.append)
     service = GenerationService(backend, admission, Timeouts(60, 60, None), [consumer])
-    exchange = service.chat_exchange("q", "rest", None, None, ChatInput.single("m", HUGE))
+    exchange = service.chat_exchange(Caller("q", "rest"), ChatInput.single("m", HUGE))
     waiting = asyncio.create_task(service.run(exchange))
     await asyncio.wait_for(queued.wait(), 5)
     assert await service.drain(0) == 1

@@ -2,7 +2,7 @@
 
 A background task checks Ollama, pulls the model if it lacks it, then (with MINIVAULT_WARMUP)
 loads it. Meanwhile /ready says `pulling` with the bytes so far, and new prompts get
-`503 model_loading` through `GenerationService.unavailable`. A failed pull is logged, shown by
+`503 model_loading` through a LoadingGate in `GenerationService.gates`. A failed pull is logged, shown by
 /ready as `pull_failed`, and tried again with backoff until it succeeds; an Ollama that does not
 answer yet is checked again on the same schedule.
 """
@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from app.backends import Backend, SupportsPull
 from app.config import Settings
+from app.core.gates import LoadingGate
 from app.core.service import GenerationService
 from app.errors import MiniVaultError, ModelLoading
 
@@ -195,7 +196,7 @@ def start_bootstrap(
     bootstrap = ModelBootstrap(
         backend, settings.health_timeout, retry_base=RETRY_BASE, retry_cap=RETRY_CAP, after=after, on_pulled=on_pulled
     )
-    service.unavailable = bootstrap.refusal
+    service.gates.insert(1, LoadingGate(bootstrap.refusal))  # after draining, before the rate limit
     bootstrap.start()
     return bootstrap
 

@@ -4,7 +4,7 @@ and handing every finished exchange to its consumers (the JSONL log, metrics).""
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,11 +13,12 @@ from typing import Any, Protocol, TypeVar
 from app.admission.rate import RateLimiter
 from app.admission.slots import AdmissionControl
 from app.backends import Backend, ChatInput, Completion
+from app.core.caller import Caller
 from app.core.conversations import ConversationMemory
+from app.core.gates import DrainGate, Gate, RateGate
 from app.errors import BackendTimeout, InvalidRequest, MiniVaultError, RateLimited, ShuttingDown
 from app.schemas import (
     REFUSED_TEXT_CHARS,
-    Endpoint,
     ExchangeRecord,
     GenerateRequest,
     LoggedError,
@@ -62,17 +63,14 @@ class Exchange:
     """
 
     __slots__ = (
-        "id", "endpoint", "client", "key_id", "conversation_id", "prompt", "system", "options", "chat", "model",
-        "backend", "ts", "started", "announce_queue", "accepted", "admin",
+        "caller", "id", "endpoint", "client", "key_id", "conversation_id", "prompt", "system", "options", "chat",
+        "model", "backend", "ts", "started", "announce_queue", "accepted", "admin",
         "parts", "completion", "queue_ms", "ttft_ms", "latency_ms", "status", "error",
     )  # fmt: skip
 
     def __init__(
         self,
-        request_id: str,
-        endpoint: Endpoint,
-        client: str | None,
-        key_id: str | None,
+        caller: Caller,
         backend: Backend,
         *,
         prompt: str | None = None,
@@ -82,10 +80,13 @@ class Exchange:
         chat: ChatInput | None = None,
         conversation_id: str | None = None,
     ) -> None:
-        self.id = request_id
-        self.endpoint = endpoint
-        self.client = client
-        self.key_id = key_id
+        self.caller = caller
+        # Copied out of the caller: read on every record and every admission.
+        self.id = caller.request_id
+        self.endpoint = caller.endpoint
+        self.client = caller.client
+        self.key_id = caller.key_id
+        self.admin = caller.admin
         self.conversation_id = conversation_id
         # A rejected request has no chat, but whatever prompt it carried is still logged.
         self.prompt = prompt
@@ -96,8 +97,6 @@ class Exchange:
         self.model = model or backend.default_model
         # False for dialects whose streams have no way to say "you are number 3 in the queue".
         self.announce_queue = True
-        # Set by the routes (app.web.auth.is_admin): an admin key may continue any key's conversation.
-        self.admin = False
         self.ts = datetime.now(UTC)
         self.started = time.perf_counter()
         self.parts: list[str] = []
@@ -283,44 +282,45 @@ class GenerationService:
     ) -> None:
         self.backend = backend
         self.rate_limiter = rate_limiter
+        self._drain_gate = DrainGate()
+        # Checked in order before admission; the auto-pull adds its LoadingGate after the drain gate.
+        self.gates: list[Gate] = [self._drain_gate]
+        if rate_limiter is not None:
+            self.gates.append(RateGate(rate_limiter))
         # None when texts may not be stored (MINIVAULT_LOG_PROMPTS=false): no conversations then.
         self.memory = memory
         self.admission = admission
         self.timeouts = timeouts
         self.consumers = list(consumers)
         self.keep_text = keep_text
-        self.draining = False
-        # Set by whatever can make a model unusable for a while (it is being pulled): given the
-        # model a prompt names, returns the error the prompt gets meanwhile, or None.
-        self.unavailable: Callable[[str], MiniVaultError | None] | None = None
         self._guards: set[_Guard] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def exchange(
-        self,
-        request_id: str,
-        endpoint: Endpoint,
-        client: str | None,
-        key_id: str | None,
-        request: GenerateRequest,
-    ) -> Exchange:
+    @property
+    def draining(self) -> bool:
+        """Shutting down: new prompts are refused."""
+        return self._drain_gate.closed
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._drain_gate.closed = value
+
+    def exchange(self, caller: Caller, request: GenerateRequest) -> Exchange:
         """An exchange for MiniVault's own request (REST, SSE, websocket)."""
         options = request.upstream_options()
         model = request.model or self.backend.default_model
         conversation_id = request.conversation_id
         chat = None if conversation_id else ChatInput.single(model, request.prompt, request.system, options)
         return Exchange(
-            request_id, endpoint, client, key_id, self.backend, prompt=request.prompt, model=model,
+            caller, self.backend, prompt=request.prompt, model=model,
             system=request.system, options=options, chat=chat, conversation_id=conversation_id,
         )  # fmt: skip
 
-    def chat_exchange(
-        self, request_id: str, endpoint: Endpoint, client: str | None, key_id: str | None, chat: ChatInput
-    ) -> Exchange:
+    def chat_exchange(self, caller: Caller, chat: ChatInput) -> Exchange:
         """An exchange for messages the client sent whole (the OpenAI and Ollama APIs); no queue events."""
         exchange = Exchange(
-            request_id, endpoint, client, key_id, self.backend, prompt=chat.prompt, model=chat.model,
+            caller, self.backend, prompt=chat.prompt, model=chat.model,
             system=chat.system, options=chat.options, chat=chat,
         )  # fmt: skip
         exchange.announce_queue = False
@@ -344,14 +344,10 @@ class GenerationService:
         admitted = False
         parts = exchange.parts
         try:
-            if self.draining:
-                raise ShuttingDown("MiniVault is shutting down and takes no new prompts; retry in a moment")
-            if self.unavailable is not None and (refusal := self.unavailable(exchange.model)) is not None:
-                raise refusal
             guard.task = asyncio.current_task()
             guard.inside = True  # from here on every wait (Redis, the conversation, the queue) can be cut off
-            if self.rate_limiter is not None:
-                await self.rate_limiter.check(exchange.key_id)
+            for gate in self.gates:
+                await gate.check(exchange)
             if conversation_id is None:
                 chat = exchange.chat
                 assert chat is not None
@@ -465,13 +461,10 @@ class GenerationService:
                 pass
         return exchange.result()
 
-    def reject(
-        self, request_id: str, endpoint: Endpoint, client: str | None, key_id: str | None,
-        error: MiniVaultError, prompt: object = None, model: object = None,
-    ) -> None:  # fmt: skip
+    def reject(self, caller: Caller, error: MiniVaultError, prompt: object = None, model: object = None) -> None:
         """Log a request refused before it reached the service, with whatever prompt and model it named."""
         exchange = Exchange(
-            request_id, endpoint, client, key_id, self.backend, prompt=prompt if isinstance(prompt, str) else None,
+            caller, self.backend, prompt=prompt if isinstance(prompt, str) else None,
             model=model if isinstance(model, str) and model else None,
         )  # fmt: skip
         exchange.status = "error"
@@ -479,19 +472,18 @@ class GenerationService:
         self.finish(exchange)
 
     async def refuse(
-        self, request_id: str, endpoint: Endpoint, client: str | None, key_id: str | None,
-        error: MiniVaultError, prompt: object = None, model: object = None,
-    ) -> MiniVaultError:  # fmt: skip
+        self, caller: Caller, error: MiniVaultError, prompt: object = None, model: object = None
+    ) -> MiniVaultError:
         """Count a refused request against its key's rate limit and log it; returns what to answer:
         `error`, or the 429 RateLimited once the key is over its rate (so a flood of bad requests stays cheap)."""
         if self.rate_limiter is not None:
             try:
-                await self.rate_limiter.check(key_id)
+                await self.rate_limiter.check(caller.key_id)
             except RateLimited as exc:
                 error = exc
             except MiniVaultError:
                 pass  # the shared limits' Redis is down: the refusal itself is still the better answer
-        self.reject(request_id, endpoint, client, key_id, error, prompt, model)
+        self.reject(caller, error, prompt, model)
         return error
 
     def finish(self, exchange: Exchange) -> None:
@@ -513,7 +505,7 @@ class GenerationService:
 
     async def drain(self, grace: float) -> int:
         """Refuse new prompts, give those in flight `grace` seconds, then end the rest; returns how many were ended."""
-        self.draining = True
+        self._drain_gate.closed = True
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
             return 0

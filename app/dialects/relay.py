@@ -12,8 +12,7 @@ from app.backends import ChatInput
 from app.core.service import Exchange, GenerationService
 from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge
 from app.schemas import Endpoint
-from app.web.auth import key_id_of
-from app.web.request_id import client_of, request_id_of
+from app.web.auth import caller_of
 from app.web.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream
 
 P = TypeVar("P")
@@ -29,17 +28,17 @@ async def read_exchange(
     """
     state = request.app.state
     service: GenerationService = state.service
-    request_id, client, key_id = request_id_of(request), client_of(request), key_id_of(request)
+    caller = caller_of(request, endpoint)
     raw = b""
     try:
         raw = await request.body()
         parsed, chat = parse(raw, state.settings.max_prompt_chars)
     except (InvalidRequest, PayloadTooLarge) as exc:
         # Counted against the key's rate limit like a prompt: over it, the answer is the (cheaper) 429.
-        raise await service.refuse(request_id, endpoint, client, key_id, exc, *_asked(raw)) from None
+        raise await service.refuse(caller, exc, *_asked(raw)) from None
     if chat is None:
         return parsed, None
-    return parsed, service.chat_exchange(request_id, endpoint, client, key_id, chat)
+    return parsed, service.chat_exchange(caller, chat)
 
 
 def _asked(raw: bytes) -> tuple[object, object]:

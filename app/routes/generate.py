@@ -1,5 +1,6 @@
 """POST /generate: the whole answer as JSON, or Server-Sent Events when `stream` is true."""
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -10,8 +11,7 @@ from app.config import Settings
 from app.core.service import GenerationService, Queued
 from app.errors import InvalidRequest, PayloadTooLarge
 from app.schemas import ErrorBody, GenerateResponse, parse_generate_request
-from app.web.auth import is_admin, key_id_of
-from app.web.request_id import client_of, request_id_of
+from app.web.auth import caller_of
 from app.web.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream, sse_doc, sse_event
 
 router = APIRouter()
@@ -65,25 +65,23 @@ async def generate(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     service: GenerationService = state.service
-    request_id = request_id_of(request)
-    client = client_of(request)
-    key_id = key_id_of(request)
+    caller = caller_of(request, "rest")
     body = b""
     try:
         body = await request.body()
         generate_request = parse_generate_request(body, settings.max_prompt_chars)
     except (InvalidRequest, PayloadTooLarge) as exc:
         # Counted against the key's rate limit like a prompt: over it, the answer is the (cheaper) 429.
-        raise await service.refuse(request_id, "rest", client, key_id, exc, prompt=_prompt_of(body)) from None
-    exchange = service.exchange(request_id, "sse" if generate_request.stream else "rest", client, key_id,
-                                generate_request)  # fmt: skip
-    exchange.admin = is_admin(request)  # may continue any key's conversation
+        raise await service.refuse(caller, exc, prompt=_prompt_of(body)) from None
+    if generate_request.stream:
+        caller = replace(caller, endpoint="sse")
+    exchange = service.exchange(caller, generate_request)
     if generate_request.stream:
         return await open_event_stream(
             request.receive,
             service.stream(exchange),
             _event,
-            request_id,
+            caller.request_id,
             last=lambda: sse_event(b"done", exchange.result()),
         )
     try:

@@ -5,6 +5,7 @@ import logging
 import time
 from collections import deque
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -15,8 +16,8 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from app.core.service import Exchange, GenerationService
 from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge, TooManyInvalidFrames
 from app.schemas import parse_generate_request
-from app.web.auth import is_admin, key_id_of
-from app.web.request_id import acceptable_request_id, client_of, new_request_id
+from app.web.auth import caller_of
+from app.web.request_id import acceptable_request_id, new_request_id
 from app.web.responses import ws_error_frame
 
 router = APIRouter()
@@ -56,9 +57,8 @@ class _Session:
         self.service: GenerationService = state.service
         self.max_prompt_chars: int = state.settings.max_prompt_chars
         self.max_bytes: int = state.settings.max_body_bytes
-        self.client = client_of(websocket)
-        self.key_id = key_id_of(websocket)
-        self.admin = is_admin(websocket)  # may continue any key's conversation
+        # Who is asking, for every prompt on this connection; each prompt gets its own request id.
+        self.caller = caller_of(websocket, "ws")
         self.task: asyncio.Task[None] | None = None
         self.scope: anyio.CancelScope | None = None
         self.max_invalid: int = state.settings.ws_max_invalid_frames
@@ -124,8 +124,7 @@ class _Session:
         except InvalidRequest as exc:
             await self.reject(request_id, exc, payload)
             return
-        exchange = self.service.exchange(request_id, "ws", self.client, self.key_id, request)
-        exchange.admin = self.admin
+        exchange = self.service.exchange(replace(self.caller, request_id=request_id), request)
         self.scope = anyio.CancelScope()
         self.task = asyncio.create_task(self.generate(exchange, self.scope))
 
@@ -143,7 +142,7 @@ class _Session:
         except MiniVaultError as exc:
             await self.send_error(exc, exchange.id)
         except (WebSocketDisconnect, OSError):
-            logger.debug("websocket %s left during %s", self.client, exchange.id)
+            logger.debug("websocket %s left during %s", self.caller.client, exchange.id)
 
     async def send_error(self, error: MiniVaultError, request_id: str) -> None:
         """The error frame; an error that ends the connection (shutdown, too big) closes it with its code."""
@@ -158,7 +157,7 @@ class _Session:
             f"the message is {size} bytes; the limit is {self.max_bytes} (MINIVAULT_MAX_BODY_BYTES)"
         )
         request_id = new_request_id()
-        answer = await self.service.refuse(request_id, "ws", self.client, self.key_id, error)
+        answer = await self.service.refuse(replace(self.caller, request_id=request_id), error)
         await self.send_error(answer, request_id)
         if answer is not error:  # over the rate limit: the socket closes all the same, as too big a message does
             await self.close(error)
@@ -179,12 +178,12 @@ class _Session:
             )
             logger.warning(
                 "websocket from %s closed (1008): more than %d invalid frames within %g s, the last: %s",
-                self.client, self.max_invalid, INVALID_WINDOW, error.message[:200],
+                self.caller.client, self.max_invalid, INVALID_WINDOW, error.message[:200],
             )  # fmt: skip
-            self.service.reject(request_id, "ws", self.client, self.key_id, closing, prompt=prompt)
+            self.service.reject(replace(self.caller, request_id=request_id), closing, prompt=prompt)
             await self.close(closing, request_id)
             return
-        answer = await self.service.refuse(request_id, "ws", self.client, self.key_id, error, prompt=prompt)
+        answer = await self.service.refuse(replace(self.caller, request_id=request_id), error, prompt=prompt)
         await self.send_error(answer, request_id)
 
     async def close(self, error: MiniVaultError, request_id: str | None = None) -> None:

@@ -15,10 +15,12 @@ from urllib.parse import parse_qs
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.core.caller import Caller
 from app.errors import Unauthorized
 from app.routes.pages import OPEN_PATHS as PAGE_PATHS
 from app.routes.pages import OPEN_PREFIXES as PAGE_PREFIXES
-from app.web.request_id import request_id_of
+from app.schemas import Endpoint
+from app.web.request_id import client_of, request_id_of
 from app.web.responses import error_response, send_ws_error
 
 # The pages hold no data: the playground and the docs ask for the key themselves, then send it.
@@ -45,6 +47,15 @@ def visible_to(connection: HTTPConnection) -> str | None:
     """The key_id whose exchanges and conversations alone the caller may see; None (all) for an admin key
     or with auth off."""
     return None if is_admin(connection) else key_id_of(connection)
+
+
+def caller_of(connection: HTTPConnection, endpoint: Endpoint) -> Caller:
+    """Who is asking, built once per request (per prompt on a websocket) from what the edge established."""
+    state = connection.scope["state"]
+    key_id = state.get("key_id")
+    return Caller(
+        state["request_id"], endpoint, client_of(connection), key_id, key_id is None or state.get("key_admin", False)
+    )
 
 
 def is_admin(connection: HTTPConnection) -> bool:
