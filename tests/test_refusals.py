@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from app.core.caller import Caller
-from app.core.service import Exchange
+from app.core.exchange import Exchange
 from app.errors import InvalidRequest
 from app.exchanges import JsonlWriter
 from app.exchanges.metrics import Metrics

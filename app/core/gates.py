@@ -4,19 +4,17 @@ Draining first (shutdown refuses everything), then a model that is being pulled,
 """
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from app.admission.rate import RateLimiter
+from app.core.exchange import Exchange
 from app.errors import MiniVaultError, ShuttingDown
-
-if TYPE_CHECKING:
-    from app.core.service import Exchange
 
 
 class Gate(Protocol):
     """One check before admission."""
 
-    async def check(self, exchange: "Exchange") -> None:
+    async def check(self, exchange: Exchange) -> None:
         """Raise a MiniVaultError to refuse the exchange."""
         ...
 
@@ -29,7 +27,7 @@ class DrainGate:
     def __init__(self) -> None:
         self.closed = False
 
-    async def check(self, exchange: "Exchange") -> None:
+    async def check(self, exchange: Exchange) -> None:
         if self.closed:
             raise ShuttingDown("MiniVault is shutting down and takes no new prompts; retry in a moment")
 
@@ -42,7 +40,7 @@ class LoadingGate:
     def __init__(self, refusal: Callable[[str], MiniVaultError | None]) -> None:
         self.refusal = refusal
 
-    async def check(self, exchange: "Exchange") -> None:
+    async def check(self, exchange: Exchange) -> None:
         if (error := self.refusal(exchange.model)) is not None:
             raise error
 
@@ -55,5 +53,5 @@ class RateGate:
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
 
-    async def check(self, exchange: "Exchange") -> None:
+    async def check(self, exchange: Exchange) -> None:
         await self.limiter.check(exchange.key_id)

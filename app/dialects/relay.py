@@ -9,7 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.backends import ChatInput
-from app.core.service import Exchange, GenerationService
+from app.core.exchange import Exchange
+from app.core.service import GenerationService
 from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge
 from app.schemas import Endpoint
 from app.web.auth import caller_of

@@ -13,7 +13,8 @@ import orjson
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from app.core.service import Exchange, GenerationService
+from app.core.exchange import Exchange
+from app.core.service import GenerationService
 from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge, TooManyInvalidFrames
 from app.schemas import parse_generate_request
 from app.web.auth import caller_of

@@ -10,7 +10,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.backends import ChatInput, ModelInfo
-from app.core.service import Exchange
+from app.core.exchange import Exchange
 from app.errors import InvalidRequest, MiniVaultError
 from app.schemas import Options, describe_validation_errors, reject_non_finite
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from app.backends import Backend, ChatInput, ModelInfo
-from app.core.service import Exchange
+from app.core.exchange import Exchange
 from app.dialects.openai import wire as openai
 from app.dialects.relay import answer, read_exchange
 from app.errors import ModelNotFound
