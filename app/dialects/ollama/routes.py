@@ -123,7 +123,7 @@ async def _answer(request: Request, body: ollama.GenerateBody | ollama.ChatBody,
     lines = ollama.LineStream(exchange, chat)
     return await answer(
         request, exchange, stream=body.stream, whole=lines.whole, token=lines.token, end=lines.end,
-        on_error=ollama.error_line, media_type=_NDJSON,
+        on_error=DIALECT.stream_error, media_type=_NDJSON,
     )  # fmt: skip
 
 

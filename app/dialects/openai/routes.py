@@ -151,7 +151,7 @@ async def _complete(
     chunks = openai.ChunkStream(exchange, chat=chat, include_usage=body.include_usage)
     return await answer(
         request, exchange, stream=body.stream, whole=whole, token=chunks.token, end=chunks.end,
-        on_error=openai.error_frame, media_type="text/event-stream",
+        on_error=DIALECT.stream_error, media_type="text/event-stream",
     )  # fmt: skip
 
 
