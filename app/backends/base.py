@@ -12,39 +12,59 @@ import orjson
 
 from app.backends.transport import failure_kind
 from app.errors import BackendError, BackendTimeout, BackendUnavailable, Busy, InvalidRequest, MiniVaultError
+from app.vocabulary import Event, Message, OutputFormat, Think, Tool, ToolChoice
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ChatInput:
-    """What the upstream is asked, in no backend's dialect: messages with roles, a model, options.
+    """What the upstream is asked, in no backend's dialect (app/vocabulary.py): messages, a model, options,
+    and what the answer may or must hold (tools, a format, thinking).
 
-    `messages` is `system` first (when there is one), earlier turns, then the user's prompt.
-    `conversation` False means one plain prompt, which Ollama answers with /api/generate.
+    `messages` is `system` first (when there is one), earlier turns, then the newest message.
+    `conversation` False means one plain prompt, which Ollama answers with /api/generate (there
+    `suffix` asks for fill-in-the-middle and `raw` sends the prompt without the model's template).
     """
 
     model: str
-    messages: tuple[dict[str, str], ...]
+    messages: tuple[Message, ...]
     options: dict[str, Any] | None = None
     conversation: bool = False
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    # None: the backend's default (OpenAI's servers: parallel calls allowed).
+    parallel_tool_calls: bool | None = None
+    format: OutputFormat | None = None
+    think: Think = None
+    suffix: str | None = None
+    raw: bool = False
+    # Ollama's: how long the model stays loaded after this request (`0` unloads it); None leaves it.
+    keep_alive: str | int | float | None = None
 
     @classmethod
-    def single(cls, model: str, prompt: str, system: str | None = None, options: dict[str, Any] | None = None
-               ) -> "ChatInput":  # fmt: skip
-        """One prompt, with its system prompt, outside any conversation."""
-        user = {"role": "user", "content": prompt}
-        messages = ({"role": "system", "content": system}, user) if system is not None else (user,)
-        return cls(model, messages, options)
+    def single(cls, model: str, prompt: str, system: str | None = None, options: dict[str, Any] | None = None,
+               **asks: Any) -> "ChatInput":  # fmt: skip
+        """One prompt, with its system prompt, outside any conversation; `asks` are the other fields."""
+        user = Message("user", prompt, images=asks.pop("images", ()))
+        messages = (Message("system", system), user) if system is not None else (user,)
+        return cls(model, messages, options, **asks)
 
     @property
     def prompt(self) -> str:
-        return self.messages[-1]["content"]
+        return self.messages[-1].content
 
     @property
     def system(self) -> str | None:
         first = self.messages[0]
-        return first["content"] if first["role"] == "system" else None
+        return first.content if first.role == "system" else None
+
+    @property
+    def plain(self) -> bool:
+        """Text in, text out: nothing beyond the messages' text and the options (the fast path)."""
+        return not (self.tools or self.format or self.think or self.suffix or self.raw) and all(
+            not (m.images or m.tool_calls or m.role == "tool") for m in self.messages
+        )
 
 
 @dataclass(slots=True)
@@ -56,6 +76,45 @@ class Completion:
     completion_tokens: int | None = None
     # With several hosts: the one that answered (the pool sets it).
     host: str | None = None
+    # Options the backend could not apply per request (load-time ones, as `num_ctx` on a llama.cpp server):
+    # set before the first event, so they can be named in the response's X-MiniVault-Ignored-Options.
+    ignored_options: tuple[str, ...] = ()
+    # Messages left out to fit the model's context (the oldest first, the system prompt kept).
+    dropped_messages: int = 0
+
+
+# Capabilities, in Ollama's words (its /api/show `capabilities`): what a model can be asked for.
+COMPLETION, TOOLS, VISION, THINKING, INSERT, EMBEDDING = (
+    "completion",
+    "tools",
+    "vision",
+    "thinking",
+    "insert",
+    "embedding",
+)
+
+
+def required_capabilities(chat: ChatInput) -> frozenset[str]:
+    """What answering `chat` needs of the model, beyond text: tools, vision, thinking, insert (a suffix)."""
+    if chat.plain:
+        return frozenset()
+    needs = set()
+    if chat.tools and (chat.tool_choice is None or chat.tool_choice.mode != "none"):
+        needs.add(TOOLS)
+    if any(m.images for m in chat.messages):
+        needs.add(VISION)
+    if chat.think:  # False and None ask for nothing
+        needs.add(THINKING)
+    if chat.suffix:
+        needs.add(INSERT)
+    return frozenset(needs)
+
+
+def check_capabilities(chat: ChatInput, has: frozenset[str]) -> None:
+    """Refuse `chat` with a 400 naming what its model lacks, in Ollama's words (`model "x" does not support tools`)."""
+    missing = required_capabilities(chat) - has
+    if missing:
+        raise InvalidRequest(f'model "{chat.model}" does not support {" or ".join(sorted(missing))}')
 
 
 @dataclass(slots=True)
@@ -76,14 +135,14 @@ class BackendStatus:
 
 
 class Backend(Protocol):
-    """One upstream LLM: streams text chunks and fills in a Completion at the end."""
+    """One upstream LLM: streams the answer's events and fills in a Completion at the end."""
 
     name: str
     url: str
     default_model: str
 
-    def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[str, None]:
-        """Yield the answer's text chunks as they arrive; raise MiniVaultError subclasses on failure.
+    def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[Event, None]:
+        """Yield the answer's events as they arrive (text as `str`); raise MiniVaultError subclasses on failure.
 
         Closing the iterator early must close the upstream request, so generation stops.
         """
@@ -91,6 +150,10 @@ class Backend(Protocol):
 
     async def list_models(self) -> list[ModelInfo]:
         """The models the upstream can serve."""
+        ...
+
+    async def capabilities(self, model: str) -> frozenset[str]:
+        """What MiniVault will accept for `model` (COMPLETION, TOOLS, VISION, ...), as the upstream reports it."""
         ...
 
     async def warm(self, model: str) -> None:
@@ -190,6 +253,9 @@ class HttpBackend:
 
     async def list_models(self) -> list[ModelInfo]:
         raise NotImplementedError
+
+    async def capabilities(self, model: str) -> frozenset[str]:
+        return frozenset({COMPLETION})
 
     async def _missing_model(self, model: str) -> MiniVaultError:
         raise NotImplementedError

@@ -24,6 +24,7 @@ from app.backends.base import (
 )
 from app.backends.transport import failure_kind
 from app.errors import BackendError, BackendUnavailable, InvalidRequest, MiniVaultError, ModelNotFound
+from app.vocabulary import Event, Message
 
 _JSON = {"Content-Type": "application/json"}
 
@@ -42,10 +43,13 @@ class OllamaBackend(HttpBackend):
         )
         super().__init__(client, url, default_model, upstream)
 
-    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[str, None]:
+    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[Event, None]:
         """Yield text chunks as Ollama produces them; closing the iterator closes the upstream request."""
         if chat.conversation:
-            path, payload = "/api/chat", {"model": chat.model, "messages": list(chat.messages), "stream": True}
+            path, payload = (
+                "/api/chat",
+                {"model": chat.model, "messages": [_message(m) for m in chat.messages], "stream": True},
+            )
         else:
             path, payload = "/api/generate", {"model": chat.model, "prompt": chat.prompt, "stream": True}
             if chat.system is not None:
@@ -153,6 +157,10 @@ class OllamaBackend(HttpBackend):
         return ModelNotFound(
             f"model '{model}' is not installed in Ollama (installed: {installed}); pull it with `ollama pull {model}`"
         )
+
+
+def _message(message: Message) -> dict[str, Any]:
+    return {"role": message.role, "content": message.content}
 
 
 def _model_info(item: dict[str, Any]) -> ModelInfo:

@@ -21,6 +21,7 @@ from app.backends.base import (
     sse_data,
 )
 from app.errors import BackendError, BackendUnavailable, InvalidRequest, MiniVaultError, ModelNotFound
+from app.vocabulary import Event
 
 # Ollama option -> request field. OpenAI's own, then the sampling extensions llama.cpp and vLLM accept.
 _OPTION_FIELDS = {
@@ -50,7 +51,7 @@ class OpenAICompatBackend(HttpBackend):
         super().__init__(client, url, default_model, upstream)
         self.name = name
 
-    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[str, None]:
+    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[Event, None]:
         """Yield content deltas as they arrive; closing the iterator closes the upstream request."""
         self.check_model(chat.model)
         label = self._upstream.label
@@ -88,7 +89,7 @@ class OpenAICompatBackend(HttpBackend):
     def _payload(self, chat: ChatInput) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": chat.model,
-            "messages": list(chat.messages),
+            "messages": [{"role": m.role, "content": m.content} for m in chat.messages],
             "stream": True,
             "stream_options": {"include_usage": True},
         }

@@ -29,6 +29,7 @@ from app.errors import (
     ModelNotFound,
     NotSupported,
 )
+from app.vocabulary import Event
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,11 @@ class HostBackend(Protocol):
     url: str
     default_model: str
 
-    def stream(self, chat: ChatInput, completion: Completion) -> AsyncIterator[str]: ...
+    def stream(self, chat: ChatInput, completion: Completion) -> AsyncIterator[Event]: ...
 
     async def list_models(self) -> list[ModelInfo]: ...
+
+    async def capabilities(self, model: str) -> frozenset[str]: ...
 
     async def inventory(self, seconds: float) -> tuple[list[ModelInfo], set[str]]:
         """The models the host has and those loaded now; raises MiniVaultError when it does not answer."""
@@ -218,7 +221,7 @@ class HostPool:
             f"pull it on a host, e.g. `ollama pull {model}`"
         )
 
-    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[str, None]:
+    async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[Event, None]:
         """Yield the answer from the chosen host; before the first token, a failing host hands over to the next."""
         tried: list[Host] = []
         missing: ModelNotFound | None = None
@@ -285,6 +288,14 @@ class HostPool:
         if not merged and not any(host.healthy for host in self.hosts):
             raise self._nobody(self.default_model, [], self._clock())
         return list(merged.values())
+
+    async def capabilities(self, model: str) -> frozenset[str]:
+        """What some healthy host that has `model` can do with it (the union: a request goes to one that can)."""
+        found: set[str] = set()
+        for host in self.hosts:
+            if host.healthy and host.has(model):
+                found |= await host.backend.capabilities(model)
+        return frozenset(found)
 
     async def warm(self, model: str) -> None:
         await self.pick(model, []).backend.warm(model)

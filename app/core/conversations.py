@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 from app.backends import ChatInput
 from app.errors import NotFound
 from app.store import ConversationStore, Turn
+from app.vocabulary import Message
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,11 @@ class ConversationMemory:
         if system is None and conversation is not None:
             system = conversation.system
         kept = _latest_that_fit(turns, limits)
-        messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system is not None else []
+        messages = [Message("system", system)] if system is not None else []
         for turn in kept:
-            messages.append({"role": "user", "content": turn.prompt})
-            messages.append({"role": "assistant", "content": turn.response})
-        messages.append({"role": "user", "content": prompt})
+            messages.append(Message("user", turn.prompt))
+            messages.append(Message("assistant", turn.response))
+        messages.append(Message("user", prompt))
         return ChatInput(model, tuple(messages), options, conversation=True)
 
     async def remember(self, conversation_id: str, turn: Turn, system: str | None, key_id: str | None = None) -> None:

@@ -8,6 +8,7 @@ from app.backends import Backend, ChatInput, Completion
 from app.core.caller import Caller
 from app.errors import MiniVaultError
 from app.schemas import REFUSED_TEXT_CHARS, ExchangeRecord, LoggedError, RefusedRecord, Status
+from app.vocabulary import ThinkingDelta, ToolCallDelta, ToolCalls
 
 
 class Exchange:
@@ -21,7 +22,7 @@ class Exchange:
     __slots__ = (
         "caller", "id", "endpoint", "client", "key_id", "conversation_id", "prompt", "system", "options", "chat",
         "model", "backend", "ts", "started", "announce_queue", "accepted", "admin",
-        "parts", "completion", "queue_ms", "ttft_ms", "latency_ms", "status", "error",
+        "parts", "thinking", "tool_calls", "completion", "queue_ms", "ttft_ms", "latency_ms", "status", "error",
     )  # fmt: skip
 
     def __init__(
@@ -56,6 +57,9 @@ class Exchange:
         self.ts = datetime.now(UTC)
         self.started = time.perf_counter()
         self.parts: list[str] = []
+        # Beside the text: the thinking's pieces and the tool calls, assembled from their deltas.
+        self.thinking: list[str] = []
+        self.tool_calls = ToolCalls()
         self.completion = Completion()
         self.queue_ms: float | None = None
         # Set once the exchange holds a slot or a place in the queue: an error before that is a refusal,
@@ -69,6 +73,17 @@ class Exchange:
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def absorb(self, event: ThinkingDelta | ToolCallDelta) -> None:
+        """Keep an event that is not text: thinking, or a piece of a tool call."""
+        if type(event) is ThinkingDelta:
+            self.thinking.append(event.text)
+        else:
+            self.tool_calls.add(event)  # type: ignore[arg-type]
+
+    @property
+    def thinking_text(self) -> str | None:
+        return "".join(self.thinking) if self.thinking else None
 
     @property
     def iso_ts(self) -> str:

@@ -22,6 +22,7 @@ from app.schemas import (
     GenerateRequest,
 )
 from app.store import Turn
+from app.vocabulary import Event
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +195,8 @@ class GenerationService:
         exchange.announce_queue = False
         return exchange
 
-    async def stream(self, exchange: Exchange) -> AsyncGenerator[str | Queued, None]:
-        """Yield `Queued` while waiting for a slot, then the answer's text chunks; log the exchange once.
+    async def stream(self, exchange: Exchange) -> AsyncGenerator[Event | Queued, None]:
+        """Yield `Queued` while waiting for a slot, then the answer's events (text as `str`); log the exchange once.
 
         Closing or cancelling the iterator closes the upstream request and logs `cancelled` with
         the partial text. Failures (upstream, timeouts, a full queue, shutdown) are logged and
@@ -248,15 +249,20 @@ class GenerationService:
             exchange.queue_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
             guard.start()
             guard.inside = True
-            async with aclosing(self.backend.stream(chat, exchange.completion)) as chunks:
-                async for text in chunks:
+            first = True
+            async with aclosing(self.backend.stream(chat, exchange.completion)) as events:
+                async for event in events:
                     guard.inside = False
                     guard.last = loop.time()
-                    if not parts:
+                    if first:
+                        first = False
                         exchange.ttft_ms = round((time.perf_counter() - exchange.started) * 1000, 3)
                         guard.first_token()
-                    parts.append(text)
-                    yield text
+                    if type(event) is str:
+                        parts.append(event)
+                    else:
+                        exchange.absorb(event)  # type: ignore[arg-type]
+                    yield event
                     if guard.error is not None:
                         raise guard.error
                     guard.inside = True

@@ -13,6 +13,7 @@ from app.core.exchange import Exchange
 from app.core.service import GenerationService
 from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge
 from app.schemas import Endpoint
+from app.vocabulary import Event
 from app.web.auth import caller_of
 from app.web.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream
 
@@ -63,7 +64,7 @@ async def answer(
     *,
     stream: bool,
     whole: Callable[[Exchange], dict[str, Any]],
-    token: Callable[[str], bytes],
+    token: Callable[[Event], bytes],
     end: Callable[[], bytes],
     on_error: Callable[[MiniVaultError, str], bytes],
     media_type: str,
@@ -74,13 +75,24 @@ async def answer(
     """
     service: GenerationService = request.app.state.service
     if stream:
-        # A chat exchange never yields queue markers, only text.
-        chunks = cast(AsyncGenerator[str, None], service.stream(exchange))
-        return await open_event_stream(
+        # A chat exchange never yields queue markers, only the answer's events.
+        chunks = cast(AsyncGenerator[Event, None], service.stream(exchange))
+        response = await open_event_stream(
             request.receive, chunks, token, exchange.id, last=end, on_error=on_error, media_type=media_type
         )
+        return _with_ignored_options(response, exchange)  # known by now: the first event has been awaited
     try:
         await cancel_on_disconnect(request.receive, service.run(exchange))
     except ClientGone:
         return Response(status_code=499)  # nobody is listening; the exchange is logged as cancelled
-    return OrjsonResponse(whole(exchange))
+    return _with_ignored_options(OrjsonResponse(whole(exchange)), exchange)
+
+
+IGNORED_OPTIONS_HEADER = "X-MiniVault-Ignored-Options"
+
+
+def _with_ignored_options(response: Response, exchange: Exchange) -> Response:
+    ignored = exchange.completion.ignored_options
+    if ignored:
+        response.headers[IGNORED_OPTIONS_HEADER] = ", ".join(ignored)
+    return response

@@ -11,6 +11,7 @@ from app.config import Settings
 from app.core.service import GenerationService, Queued
 from app.errors import InvalidRequest, PayloadTooLarge
 from app.schemas import ErrorBody, GenerateResponse, parse_generate_request
+from app.vocabulary import Event, ThinkingDelta
 from app.web.auth import caller_of
 from app.web.responses import ClientGone, OrjsonResponse, cancel_on_disconnect, open_event_stream, sse_doc, sse_event
 
@@ -91,10 +92,14 @@ async def generate(request: Request) -> Response:
         return Response(status_code=499)
 
 
-def _event(item: str | Queued) -> bytes:
+def _event(item: Event | Queued) -> bytes:
     if type(item) is str:
         return sse_event(b"token", {"content": item})
-    return sse_event(b"queued", {"position": item.position})  # type: ignore[union-attr]
+    if type(item) is ThinkingDelta:
+        return sse_event(b"thinking", {"content": item.text})
+    if type(item) is Queued:
+        return sse_event(b"queued", {"position": item.position})
+    return b""  # tool calls stay in the chat dialects: /generate offers no tools, so none are made
 
 
 def _prompt_of(body: bytes) -> object:

@@ -14,9 +14,10 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from app.core.exchange import Exchange
-from app.core.service import GenerationService
+from app.core.service import GenerationService, Queued
 from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge, TooManyInvalidFrames
 from app.schemas import parse_generate_request
+from app.vocabulary import ThinkingDelta
 from app.web.auth import caller_of
 from app.web.request_id import acceptable_request_id, new_request_id
 from app.web.responses import ws_error_frame
@@ -137,8 +138,10 @@ class _Session:
                     async for item in items:
                         if type(item) is str:
                             await self.send({"type": "token", "content": item})
-                        else:
-                            await self.send({"type": "queued", "position": item.position})  # type: ignore[union-attr]
+                        elif type(item) is ThinkingDelta:
+                            await self.send({"type": "thinking", "content": item.text})
+                        elif type(item) is Queued:
+                            await self.send({"type": "queued", "position": item.position})
             await self.send({"type": "done", **exchange.result()})
         except MiniVaultError as exc:
             await self.send_error(exc, exchange.id)

@@ -13,6 +13,7 @@ from app.backends import ChatInput, ModelInfo
 from app.core.exchange import Exchange
 from app.errors import InvalidRequest, MiniVaultError
 from app.schemas import Options, describe_validation_errors, reject_non_finite
+from app.vocabulary import Event, Message, ThinkingDelta, ToolCallDelta
 
 # The Ollama release whose API MiniVault answers, reported by /api/version when the backend is not
 # Ollama (with Ollama, its own version is passed on).
@@ -149,8 +150,8 @@ def parse_chat(raw: bytes, max_prompt_chars: int) -> tuple[ChatBody, ChatInput |
     body = _validate(ChatBody, raw, _CHAT_EXAMPLE)
     if not body.messages:
         return body, None
-    messages = tuple({"role": m.role, "content": m.content} for m in body.messages)
-    _check_length(sum(len(m["content"]) for m in messages), max_prompt_chars, "messages")
+    messages = tuple(Message(m.role, m.content) for m in body.messages)
+    _check_length(sum(len(m.content) for m in messages), max_prompt_chars, "messages")
     return body, ChatInput(body.model, messages, _options(body), conversation=True)
 
 
@@ -186,7 +187,10 @@ class LineStream:
     def _text(self, text: str) -> dict[str, Any]:
         return {"message": {"role": "assistant", "content": text}} if self.chat else {"response": text}
 
-    def token(self, text: str) -> bytes:
+    def token(self, event: Event) -> bytes:
+        if type(event) is not str:
+            return self.event(event)  # type: ignore[arg-type]
+        text = event
         if not self.head:  # the first token: encode the line around it once
             exchange = self.exchange
             line = {"model": exchange.model, "created_at": exchange.iso_ts, **self._text("__TOKEN__"), "done": False}
@@ -215,6 +219,10 @@ class LineStream:
 
     def whole(self, exchange: Exchange) -> dict[str, Any]:
         return self.final(exchange.text)
+
+    def event(self, event: ThinkingDelta | ToolCallDelta) -> bytes:
+        """An event that is not text (thinking, a tool call)."""
+        raise NotImplementedError(f"{type(event).__name__} is not rendered yet")
 
     def end(self) -> bytes:
         return orjson.dumps(self.final("")) + b"\n"

@@ -9,10 +9,12 @@ from typing import Annotated, Any, Literal, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app import vocabulary
 from app.backends import ChatInput
 from app.core.exchange import Exchange
 from app.errors import InvalidRequest, MiniVaultError
 from app.schemas import INT64_MAX, INT64_MIN, NOT_BLANK, describe_validation_errors, reject_non_finite
+from app.vocabulary import Event, ThinkingDelta, ToolCallDelta
 
 S = TypeVar("S", bound="Sampling")
 
@@ -186,9 +188,9 @@ def parse_chat_request(raw: bytes, max_prompt_chars: int) -> tuple[ChatCompletio
     """Validate a chat completion body and turn its messages into the backend's input."""
     request = _validate(ChatCompletionRequest, raw, _CHAT_EXAMPLE)
     messages = tuple(
-        {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)} for m in request.messages
+        vocabulary.Message("system" if m.role == "developer" else m.role, _text(m.content)) for m in request.messages
     )
-    _check_length(sum(len(m["content"]) for m in messages), max_prompt_chars, "messages")
+    _check_length(sum(len(m.content) for m in messages), max_prompt_chars, "messages")
     options = request.options(request.max_completion_tokens or request.max_tokens)
     return request, ChatInput(request.model, messages, options, conversation=True)
 
@@ -296,7 +298,10 @@ class ChunkStream:
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
         return {**frame, "choices": [choice]}
 
-    def token(self, text: str) -> bytes:
+    def token(self, event: Event) -> bytes:
+        if type(event) is not str:
+            return self.event(event)  # type: ignore[arg-type]
+        text = event
         if self.first:
             self.first = False
             # The frame with a placeholder, split around it: what goes before and after each later token.
@@ -309,6 +314,10 @@ class ChunkStream:
                 frame["choices"][0]["delta"] = {"role": "assistant", "content": text}
                 return b"data: " + orjson.dumps(frame) + b"\n\n"
         return self.head + orjson.dumps(text) + self.tail
+
+    def event(self, event: ThinkingDelta | ToolCallDelta) -> bytes:
+        """An event that is not text (thinking, a tool call)."""
+        raise NotImplementedError(f"{type(event).__name__} is not rendered yet")
 
     def end(self) -> bytes:
         frames = [self._with_choice(self._frame(None), "", finish_reason(self.exchange))]
