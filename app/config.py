@@ -137,6 +137,11 @@ class Settings(BaseSettings):
         validation_alias="MINIVAULT_MAX_PROMPT_CHARS",
         description="Longest prompt accepted, in characters.",
     )
+    max_image_bytes: PositiveInt = Field(
+        10 * 1024 * 1024,
+        validation_alias="MINIVAULT_MAX_IMAGE_BYTES",
+        description="Largest image accepted in a request (decoded bytes); PNG, JPEG, WebP or GIF.",
+    )
     health_timeout: PositiveFloat = Field(
         1.0,
         validation_alias="MINIVAULT_HEALTH_TIMEOUT",

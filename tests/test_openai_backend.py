@@ -85,14 +85,17 @@ async def test_options_map_to_openai_fields(backend: OpenAICompatBackend) -> Non
     }  # fmt: skip
 
 
-async def test_ollama_only_options_are_refused_before_any_call(backend: OpenAICompatBackend) -> None:
-    with respx.mock(base_url=URL, assert_all_called=False) as mock:
-        route = mock.post("/v1/chat/completions")
-        with pytest.raises(InvalidRequest) as raised:
-            await collect(backend, GenerateRequest.model_validate({"prompt": "p", "options": {"num_ctx": 4096}}))
+async def test_load_time_options_are_accepted_named_and_not_sent(backend: OpenAICompatBackend) -> None:
+    # aider's ollama_chat/ path sends options.num_ctx on every request: a 400 broke it entirely.
+    with respx.mock(base_url=URL) as mock:
+        route = mock.post("/v1/chat/completions").respond(200, content=sse(delta("ok"), FINISH, b"[DONE]"))
+        options = {"num_ctx": 4096, "num_thread": 2, "temperature": 0.5}
+        text, completion = await collect(backend, GenerateRequest.model_validate({"prompt": "p", "options": options}))
 
-    assert raised.value.message.startswith("options.num_ctx: not supported by the openai backend")
-    assert not route.called
+    sent = json.loads(route.calls.last.request.content)
+    assert text == "ok"
+    assert completion.ignored_options == ("num_ctx", "num_thread")
+    assert sent["temperature"] == 0.5 and "num_ctx" not in sent and "num_thread" not in sent
 
 
 async def broken_stream() -> AsyncIterator[bytes]:

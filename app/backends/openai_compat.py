@@ -20,7 +20,7 @@ from app.backends.base import (
     load_json_object,
     sse_data,
 )
-from app.errors import BackendError, BackendUnavailable, InvalidRequest, MiniVaultError, ModelNotFound
+from app.errors import BackendError, BackendUnavailable, MiniVaultError, ModelNotFound
 from app.vocabulary import Event
 
 # Ollama option -> request field. OpenAI's own, then the sampling extensions llama.cpp and vLLM accept.
@@ -54,6 +54,9 @@ class OpenAICompatBackend(HttpBackend):
     async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[Event, None]:
         """Yield content deltas as they arrive; closing the iterator closes the upstream request."""
         self.check_model(chat.model)
+        if chat.options:
+            # Ollama's load-time options (num_ctx, num_gpu, ...) are the server's own settings here: accepted, named.
+            completion.ignored_options = ignored_options(chat.options)
         label = self._upstream.label
         finished = ended = False
         async with self._post_stream("/v1/chat/completions", self._payload(chat), chat.model) as response:
@@ -93,17 +96,11 @@ class OpenAICompatBackend(HttpBackend):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        options = chat.options or {}
-        unsupported = sorted(set(options) - set(_OPTION_FIELDS))
-        if unsupported:
-            raise InvalidRequest(
-                f"options.{unsupported[0]}: not supported by the {self.name} backend (it is an Ollama load-time "
-                f"option); supported: {', '.join(sorted(_OPTION_FIELDS))}"
-            )
-        for option, value in options.items():
-            if option == "num_predict" and value < 0:
-                continue  # Ollama's "no limit" (-1) and "fill the context" (-2) are the server default.
-            payload[_OPTION_FIELDS[option]] = value
+        for option, value in (chat.options or {}).items():
+            name = _OPTION_FIELDS.get(option)
+            if name is None or (option == "num_predict" and value < 0):
+                continue  # load-time (ignored_options names them); num_predict -1/-2 is the server's default
+            payload[name] = value
         return payload
 
     async def warm(self, model: str) -> None:
@@ -149,6 +146,11 @@ class OpenAICompatBackend(HttpBackend):
             f"model '{model}' is not served by {self._upstream.label} at {self.url} (it serves: {served}); "
             "name one of those, or set OPENAI_MODEL"
         )
+
+
+def ignored_options(options: dict[str, Any]) -> tuple[str, ...]:
+    """The options an OpenAI-compatible server cannot take per request, sorted."""
+    return tuple(sorted(option for option in options if option not in _OPTION_FIELDS))
 
 
 def _message(error: object) -> str:

@@ -11,6 +11,7 @@ from starlette.responses import Response
 from app.backends import ChatInput
 from app.core.exchange import Exchange
 from app.core.service import GenerationService
+from app.dialects.inputs import InputLimits
 from app.errors import InvalidRequest, MiniVaultError, PayloadTooLarge
 from app.schemas import Endpoint
 from app.vocabulary import Event
@@ -21,9 +22,9 @@ P = TypeVar("P")
 
 
 async def read_exchange(
-    request: Request, endpoint: Endpoint, parse: Callable[[bytes, int], tuple[P, ChatInput | None]]
+    request: Request, endpoint: Endpoint, parse: Callable[[bytes, InputLimits], tuple[P, ChatInput | None]]
 ) -> tuple[P, Exchange | None]:
-    """Parse the body with `parse(body, max_prompt_chars)` into the request and what to ask the backend,
+    """Parse the body with `parse(body, limits)` into the request and what to ask the backend,
     and open an exchange for it (None when there is nothing to ask: Ollama's "load the model" requests).
 
     A body that is refused (invalid, too large) is still logged, as on /generate.
@@ -34,7 +35,8 @@ async def read_exchange(
     raw = b""
     try:
         raw = await request.body()
-        parsed, chat = parse(raw, state.settings.max_prompt_chars)
+        settings = state.settings
+        parsed, chat = parse(raw, InputLimits(settings.max_prompt_chars, settings.max_image_bytes))
     except (InvalidRequest, PayloadTooLarge) as exc:
         # Counted against the key's rate limit like a prompt: over it, the answer is the (cheaper) 429.
         raise await service.refuse(caller, exc, *_asked(raw)) from None

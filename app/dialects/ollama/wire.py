@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.backends import ChatInput, ModelInfo
 from app.core.exchange import Exchange
+from app.dialects.inputs import InputLimits
 from app.errors import InvalidRequest, MiniVaultError
 from app.schemas import Options, describe_validation_errors, reject_non_finite
 from app.vocabulary import Event, Message, ThinkingDelta, ToolCallDelta
@@ -136,22 +137,22 @@ def _check_length(chars: int, limit: int, field: str) -> None:
         raise InvalidRequest(f"{field}: {chars} characters in all; the limit is {limit} (MINIVAULT_MAX_PROMPT_CHARS)")
 
 
-def parse_generate(raw: bytes, max_prompt_chars: int) -> tuple[GenerateBody, ChatInput | None]:
+def parse_generate(raw: bytes, limits: InputLimits) -> tuple[GenerateBody, ChatInput | None]:
     """Validate a generate body; the ChatInput is None when there is no prompt (a request to load the model)."""
     body = _validate(GenerateBody, raw, _GENERATE_EXAMPLE)
     if not body.prompt.strip():
         return body, None
-    _check_length(len(body.prompt), max_prompt_chars, "prompt")
+    _check_length(len(body.prompt), limits.max_prompt_chars, "prompt")
     return body, ChatInput.single(body.model, body.prompt, body.system, _options(body))
 
 
-def parse_chat(raw: bytes, max_prompt_chars: int) -> tuple[ChatBody, ChatInput | None]:
+def parse_chat(raw: bytes, limits: InputLimits) -> tuple[ChatBody, ChatInput | None]:
     """Validate a chat body; the ChatInput is None when there are no messages (a request to load the model)."""
     body = _validate(ChatBody, raw, _CHAT_EXAMPLE)
     if not body.messages:
         return body, None
     messages = tuple(Message(m.role, m.content) for m in body.messages)
-    _check_length(sum(len(m.content) for m in messages), max_prompt_chars, "messages")
+    _check_length(sum(len(m.content) for m in messages), limits.max_prompt_chars, "messages")
     return body, ChatInput(body.model, messages, _options(body), conversation=True)
 
 

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from app.backends import Backend, ChatInput, ModelInfo
 from app.core.exchange import Exchange
+from app.dialects.inputs import InputLimits
 from app.dialects.openai import wire as openai
 from app.dialects.relay import answer, read_exchange
 from app.errors import ModelNotFound
@@ -142,7 +143,7 @@ async def completions(request: Request) -> Response:
 
 async def _complete(
     request: Request,
-    parse: Callable[[bytes, int], tuple[openai.Sampling, ChatInput]],
+    parse: Callable[[bytes, InputLimits], tuple[openai.Sampling, ChatInput]],
     whole: Callable[[Exchange], dict[str, Any]],
     chat: bool,
 ) -> Response:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app import vocabulary
 from app.backends import ChatInput
 from app.core.exchange import Exchange
+from app.dialects.inputs import InputLimits
 from app.errors import InvalidRequest, MiniVaultError
 from app.schemas import INT64_MAX, INT64_MIN, NOT_BLANK, describe_validation_errors, reject_non_finite
 from app.vocabulary import Event, ThinkingDelta, ToolCallDelta
@@ -184,18 +185,18 @@ def _invalid(message: str, param: str | None) -> InvalidRequest:
     return error
 
 
-def parse_chat_request(raw: bytes, max_prompt_chars: int) -> tuple[ChatCompletionRequest, ChatInput]:
+def parse_chat_request(raw: bytes, limits: InputLimits) -> tuple[ChatCompletionRequest, ChatInput]:
     """Validate a chat completion body and turn its messages into the backend's input."""
     request = _validate(ChatCompletionRequest, raw, _CHAT_EXAMPLE)
     messages = tuple(
         vocabulary.Message("system" if m.role == "developer" else m.role, _text(m.content)) for m in request.messages
     )
-    _check_length(sum(len(m.content) for m in messages), max_prompt_chars, "messages")
+    _check_length(sum(len(m.content) for m in messages), limits.max_prompt_chars, "messages")
     options = request.options(request.max_completion_tokens or request.max_tokens)
     return request, ChatInput(request.model, messages, options, conversation=True)
 
 
-def parse_completion_request(raw: bytes, max_prompt_chars: int) -> tuple[CompletionRequest, ChatInput]:
+def parse_completion_request(raw: bytes, limits: InputLimits) -> tuple[CompletionRequest, ChatInput]:
     """Validate a text completion body; its one prompt is sent as a plain prompt."""
     request = _validate(CompletionRequest, raw, _COMPLETION_EXAMPLE)
     prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
@@ -203,7 +204,7 @@ def parse_completion_request(raw: bytes, max_prompt_chars: int) -> tuple[Complet
         raise _invalid(f"prompt: send one prompt, not a list of {len(prompts)} (one answer per request)", "prompt")
     if not prompts[0].strip():
         raise _invalid("prompt: must not be blank", "prompt")
-    _check_length(len(prompts[0]), max_prompt_chars, "prompt")
+    _check_length(len(prompts[0]), limits.max_prompt_chars, "prompt")
     return request, ChatInput.single(request.model, prompts[0], None, request.options(request.max_tokens))
 
 
