@@ -21,7 +21,7 @@ from typing import Any
 
 import uvloop
 
-from bench import clients, dialects, fleet, gateway, history, streams
+from bench import clients, dialects, fleet, gateway, history, streams, vocabulary
 from bench.procs import ROOT, Served, start_fake, start_minivault
 from bench.wrk import run_wrk
 
@@ -134,6 +134,15 @@ def run(plan: Plan) -> dict[str, Any]:
         finally:
             minivault.stop()
         results["one_worker_log"] = check_log(Path(minivault.extra["interactions"]))
+        say("relay CPU per streamed chunk from an OpenAI-compatible upstream: text deltas vs a tool call's arguments")
+        openai_env = {"MINIVAULT_BACKEND": "openai", "OPENAI_BASE_URL": fake.url, "OPENAI_MODEL": "bench:latest"}
+        compat = start_minivault(workdir, fake.url, name="openai-compat", env=openai_env)
+        try:
+            results |= uvloop.run(streams.relay_cpu_per_chunk_openai(compat, plan.relay_streams, 8))
+        finally:
+            compat.stop()
+        say(f"plain text now vs {vocabulary.VOCABULARY_REV} (before issue 16): CPU per request at concurrency 16")
+        results |= vocabulary.measure(fake, workdir, rounds, seconds)
         say("gateway features on (key, limits, metrics, issue 15's guards) vs off, plain httptools, older versions")
         results |= gateway.measure(fake, workdir, rounds, seconds, GENERATE_BODY, FAKE_BODY)
         say(f"history database: {plan.history_rows:,} exchanges, then searches, filters and stats on it")
@@ -197,6 +206,10 @@ def table(r: dict[str, Any]) -> str:
          r["sse_relay_us_per_token"] <= 30),
         ("Relay CPU per token, websocket", f"{r['ws_relay_us_per_token']:.1f} µs", "", "≤ 30 µs",
          r["ws_relay_us_per_token"] <= 30),
+        ("Relay CPU per chunk of a streamed tool call (OpenAI-compatible upstream, /v1 streamed)",
+         f"{r['openai_tool_call_relay_us_per_chunk']:.1f} µs",
+         f"text deltas on the same path {r['openai_text_relay_us_per_chunk']:.1f} µs", "≤ 1.10× text",
+         r["openai_tool_call_relay_us_per_chunk"] <= 1.10 * r["openai_text_relay_us_per_chunk"]),
         (f"{r['ws_streams']} websocket streams: errors", f"{r['ws_stream_errors']}",
          f"{r['ws_tokens_received']:,.0f} tokens received",
          "0", r["ws_stream_errors"] == 0),
@@ -217,6 +230,7 @@ def table(r: dict[str, Any]) -> str:
         *guard_rows(r),
         *history_rows(r),
         *dialect_rows(r),
+        *vocabulary.rows(r),
         *fleet_rows(r),
         ("2 workers: log lines, all valid and unique", f"{r['two_worker_log']['log_lines']:,}",
          f"{r['two_worker_log']['log_bad_lines']} bad, {r['two_worker_log']['log_unique_ids']:,} unique ids", "",

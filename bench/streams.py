@@ -209,3 +209,40 @@ async def many_websockets(
         "ws_token_delay_p99_ms": delays_ms[int(len(delays_ms) * 0.99)] if delays_ms else float("nan"),
         "ws_streams_seconds": time.perf_counter() - started,
     }
+
+
+_LOOKUP = {"type": "function", "function": {"name": "lookup", "description": "Look a value up.",
+           "parameters": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}  # fmt: skip
+
+
+async def _openai_stream(client: httpx.AsyncClient, minivault: Served, text: str, tools: bool) -> None:
+    body: dict[str, Any] = {"model": "bench:latest", "stream": True, "messages": [{"role": "user", "content": text}]}
+    if tools:
+        body["tools"] = [_LOOKUP]
+    async with client.stream("POST", f"{minivault.url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for _ in response.aiter_bytes():
+            pass
+
+
+async def relay_cpu_per_chunk_openai(minivault: Served, streams: int, parallel: int) -> dict[str, float]:
+    """/v1/chat/completions streamed from an OpenAI-compatible upstream: server CPU per extra chunk of text
+    deltas, and of a tool call's argument fragments (256-chunk streams minus 16-chunk ones)."""
+    extra_chunks = streams * (256 - 16)
+    results: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=parallel)) as client:
+        for name, tools in (("text", False), ("tool_call", True)):
+            suffix = " tools=1" if tools else ""
+
+            async def run(tokens: int, tools: bool = tools, suffix: str = suffix) -> None:
+                text = prompt(tokens, 1) + suffix
+                await _gather_limited(streams, parallel, lambda: _openai_stream(client, minivault, text, tools))
+
+            await run(16)  # warm-up
+            costs = {}
+            for tokens in (256, 16):
+                before = minivault.cpu_seconds()
+                await run(tokens)
+                costs[tokens] = minivault.cpu_seconds() - before
+            results[f"openai_{name}_relay_us_per_chunk"] = (costs[256] - costs[16]) / extra_chunks * 1e6
+    return results

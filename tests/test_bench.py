@@ -37,6 +37,33 @@ def test_fast_fake_streams_ndjson_on_keep_alive_connections(tmp_path: Path) -> N
     assert tags["models"][0]["name"] == "bench:latest"
 
 
+def test_fast_fake_streams_openai_text_and_tool_call_fragments(tmp_path: Path) -> None:
+    # bench/streams.py's tool-call relay row compares these two streams chunk for chunk.
+    fake = start_fake(tmp_path)
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            streams = {
+                knob: client.post("/v1/chat/completions", json={"messages": [{"content": f"tokens=3{knob}"}]}).text
+                for knob in ("", " tools=1")
+            }
+    finally:
+        fake.stop()
+
+    def frames(body: str) -> list[dict]:
+        data = [line[6:] for line in body.split("\n\n") if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        return [json.loads(item) for item in data[:-1]]
+
+    text, tools = frames(streams[""]), frames(streams[" tools=1"])
+    assert [f["choices"][0]["delta"]["content"][0] for f in text[:3]] == ["t", "t", "t"]
+    assert [f["choices"][0]["finish_reason"] for f in text if f["choices"]][-1] == "stop"
+    calls = [f["choices"][0]["delta"]["tool_calls"][0] for f in tools if f["choices"] and f["choices"][0]["delta"]]
+    assert len(calls) == 5 and calls[0]["function"]["name"] == "lookup" and calls[0]["id"] == "call_bench"
+    assert json.loads("".join(call["function"]["arguments"] for call in calls))["a"].count("t") == 3
+    assert [f["choices"][0]["finish_reason"] for f in tools if f["choices"]][-1] == "tool_calls"
+    assert tools[-1]["usage"]["completion_tokens"] == 3
+
+
 @pytest.mark.timeout(300)
 def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
