@@ -221,8 +221,9 @@ async def test_get_finds_an_id_exactly_whatever_its_punctuation_and_case(history
 async def test_an_exchange_reads_back_as_it_was_recorded(history: HistoryStore) -> None:
     full = record(1, "tell me", "a story", client="127.0.0.1:5000", key_id="k1", conversation_id="c-1",
                   system="Be brief.", options={"temperature": 0.5, "stop": ["\n"]}, done_reason="stop",
-                  prompt_tokens=3, completion_tokens=2, queue_ms=1.5, ttft_ms=20.25, latency_ms=845.4)  # fmt: skip
-    history.add_many([full])
+                  prompt_tokens=3, completion_tokens=2, queue_ms=1.5, ttft_ms=20.25, latency_ms=845.4,
+                  upstream="http://127.0.0.1:11434")  # fmt: skip
+    history.add_many([full])  # `upstream` too: SQLite dropped it before issue 16
 
     assert await history.get("ex0001") == full
 
@@ -616,7 +617,7 @@ async def test_conversation_memory_on_two_replicas_serializes_their_prompts(
     await one.aclose()
     await two.aclose()
 
-    assert [(m["role"], m["content"]) for m in chat.messages] == [
+    assert [(m.role, m.content) for m in chat.messages] == [
         ("user", "first"), ("assistant", "answer one"), ("user", "next")
     ]  # fmt: skip
     assert await held_locks(pg_url) == 0

@@ -58,16 +58,17 @@ def ids_in(files: list[Path]) -> list[str]:
 
 @pytest.mark.anyio
 async def test_rotation_fills_each_file_with_whole_batches_up_to_the_limit(log_path: Path) -> None:
-    writer = JsonlWriter(log_path, linger=0, max_bytes=2000, backups=20)
+    limit = 2 * len(record_line(10) + record_line(11)) + 50  # two batches fit in a file, three do not
+    writer = JsonlWriter(log_path, linger=0, max_bytes=limit, backups=20)
     writer.start()
     written = write_batches(writer, batches=30, per_batch=2)
     await writer.aclose()
 
-    # What the files must hold: batches of 2 lines, a new file whenever the next batch would pass 2000 bytes.
+    # What the files must hold: batches of 2 lines, a new file whenever the next batch would pass the limit.
     expected: list[bytes] = [b""]
     for batch in range(30):
         data = record_line(batch * 2) + record_line(batch * 2 + 1)
-        if expected[-1] and len(expected[-1]) + len(data) > 2000:
+        if expected[-1] and len(expected[-1]) + len(data) > limit:
             expected.append(b"")
         expected[-1] += data
     files = log_files(log_path)

@@ -343,6 +343,12 @@ def _print_record(record: dict[str, Any], as_json: bool) -> None:
     # _clip has shown the control characters already (so the width counts what is printed).
     typer.echo(f"  > {_clip(record.get('prompt'))}")
     typer.echo(f"  < {_clip(record.get('response'))}")
+    calls = record.get("tool_calls")
+    # A tool call is often the whole answer: shown as name(arguments), arguments as the model wrote them.
+    for call in calls if isinstance(calls, list) else ():
+        if isinstance(call, dict):
+            shown = f"{call.get('name')}({call.get('arguments') or ''})"
+            typer.echo(f"  < {_clip(shown)}")
 
 
 def _clip(text: object, width: int = 100) -> str:

@@ -23,8 +23,6 @@ logger = logging.getLogger(__name__)
 BATCH = 2000  # records per transaction, at most
 # MINIVAULT_WRITER_QUEUE_BYTES' default, as for the log.
 DEFAULT_QUEUE_BYTES = 64 * 1_048_576
-# What a row costs besides its texts (ids, timestamps, numbers, the tuple itself), for the queue's bound.
-_ROW_BYTES = 512
 # Seconds the history's close waits for the log to write what the history holds back for it.
 _LOG_FLUSH_TIMEOUT = 10.0
 
@@ -100,6 +98,10 @@ class BatchWriter:
     def _row(self, record: ExchangeRecord) -> tuple[Any, ...]:
         raise NotImplementedError
 
+    def _row_bytes(self, row: tuple[Any, ...]) -> int:
+        """About what `row` takes in memory, for the queue's bound."""
+        raise NotImplementedError
+
     def _insert(self, rows: list[tuple[Any, ...]]) -> int:
         """Write `rows` in one transaction, skipping those already there; how many were new."""
         raise NotImplementedError
@@ -118,7 +120,7 @@ class BatchWriter:
         except TypeError as exc:  # options orjson cannot encode: not storable, and not worth a retry
             logger.error("history %s: exchange %s cannot be stored (%s)", self.where, record.id, exc)
             return
-        size = _ROW_BYTES + len(record.prompt or "") + len(record.response or "") + len(record.system or "")
+        size = self._row_bytes(row)
         self._bytes_in += size
         self._records.append((log.lines_queued if log is not None else 0, size, row))
         if not self._wakeup.is_set():  # one wake-up per batch, not per record

@@ -29,6 +29,18 @@ _RECORD_EXAMPLE: dict[str, Any] = {
     "prompt_chars": 32, "response_chars": 63, "status": "ok", "error": None, "done_reason": "stop",
     "prompt_tokens": 24, "completion_tokens": 15, "queue_ms": 0.021, "ttft_ms": 23.8, "latency_ms": 845.4,
 }  # fmt: skip
+# An exchange beyond text: a tool offered, an image sent (kept as its size and sha256), the call the model made
+# and its thinking.
+_TOOL_EXAMPLE: dict[str, Any] = {
+    **_RECORD_EXAMPLE, "id": "9b1e6a2c4d8f4e0a9c3b7d5e1f2a4c6e", "endpoint": "ollama", "model": "qwen3:0.6b",
+    "prompt": "What is the weather where this photo was taken?", "options": None, "response": "",
+    "prompt_chars": 47, "response_chars": 0, "done_reason": "stop", "upstream": "http://127.0.0.1:11434",
+    "tools": ["get_weather"],
+    "images": [{"media_type": "image/jpeg", "bytes": 48213,
+                "sha256": "2a0f832bcdffd3915f9d1eedff54f2d4af925a2b7adf57359a23a3b702c8cc15"}],
+    "tool_calls": [{"id": "call_0", "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}],
+    "thinking": "The photo shows the Eiffel Tower, so the city is Paris.", "thinking_chars": 55,
+}  # fmt: skip
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: ERRORS[401],
     422: {"model": ErrorBody, "description": "invalid_request: a parameter is not valid (the message names it)"},
@@ -50,7 +62,7 @@ class HistoryPageOut(BaseModel):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"items": [_RECORD_EXAMPLE], "next_cursor": "AAAAAAAB4kA_88CDEm6XjQAAAAAAAeII"}]
+            "examples": [{"items": [_TOOL_EXAMPLE, _RECORD_EXAMPLE], "next_cursor": "AAAAAAAB4kA_88CDEm6XjQAAAAAAAeII"}]
         }
     )
 

@@ -10,7 +10,8 @@ search runs in a transaction whose `statement_timeout` is what is left of MINIVA
 
 Search: a generated `tsvector` column (text search configuration `minivault_text`: `simple` words,
 accents folded by `unaccent`) under a GIN index, ranked by ts_rank, which like SQLite's score depends on
-the exchange alone. Stats are computed from the exchanges, with exact nearest-rank percentiles.
+the exchange alone. Stats are computed from the exchanges, with exact nearest-rank percentiles. The
+record's columns are SQLite's (app/store/columns.py), without its latency buckets.
 """
 
 import asyncio
@@ -21,15 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg.errors import ProgramLimitExceeded, QueryCanceled
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app.exchanges.batch_writer import BatchWriter
-from app.schemas import ExchangeRecord, LoggedError
+from app.schemas import ExchangeRecord
 from app.store import sqlite_history
 from app.store.base import HistoryPage, HistoryQuery
+from app.store.columns import PG
 from app.store.pg_schema import TEXT_CONFIG, PgUnavailable, connect, describe, migrate
 from app.store.sqlite_history import (
     PERCENTILES,
@@ -37,19 +38,14 @@ from app.store.sqlite_history import (
     decode_cursor,
     encode_cursor,
     epoch_ms,
-    row_of,
     search_terms,
 )
 
 logger = logging.getLogger(__name__)
 
 RANK_WINDOW = sqlite_history.RANK_WINDOW  # with `q`, matches ranked together (newest first), as in SQLite
-_COLUMNS = (
-    "id", "ts", "day", "endpoint", "client", "key_id", "conversation_id", "backend", "model", "prompt", "system",
-    "options", "response", "prompt_chars", "response_chars", "status", "error_code", "error_message", "done_reason",
-    "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "latency_ms", "upstream",
-)  # fmt: skip
-_TYPES = ("text",) * 13 + ("bigint",) * 2 + ("text",) * 4 + ("bigint",) * 2 + ("float8",) * 3 + ("text",)
+_COLUMNS = PG.names
+_TYPES = tuple(column.pg for column in PG.columns)
 _TEXT_COLUMNS = [index for index, kind in enumerate(_TYPES) if kind == "text"]
 _CONFLICT = "ON CONFLICT (ts, id) DO NOTHING"
 # A batch is one statement: a column of values per parameter, whatever the number of rows.
@@ -149,7 +145,10 @@ class PgHistory(BatchWriter):
     # -- writing -----------------------------------------------------------------------------------------
 
     def _row(self, record: ExchangeRecord) -> tuple[Any, ...]:
-        return _row(record, self.keep_text)
+        return PG.row(record, self.keep_text)
+
+    def _row_bytes(self, row: tuple[Any, ...]) -> int:
+        return PG.row_bytes(row)
 
     def _writer(self) -> psycopg.Connection:
         """The writer's connection, made anew when there is none or the server dropped it (call under the lock)."""
@@ -284,11 +283,6 @@ class _Deadline:
 # -- rows ----------------------------------------------------------------------------------------------------
 
 
-def _row(record: ExchangeRecord, keep_text: bool) -> tuple[Any, ...]:
-    """SQLite's row (`row_of`, without its latency bucket), and the upstream host that answered."""
-    return (*row_of(record, keep_text)[:24], record.upstream)
-
-
 def _as_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
     columns = [list(column) for column in zip(*rows, strict=True)]
     for index in _TEXT_COLUMNS:
@@ -302,18 +296,8 @@ def _without_nul(values: list[Any]) -> list[Any]:
 
 
 def _record(row: tuple[Any, ...]) -> ExchangeRecord:
-    (_, id_, ts, _day, endpoint, client, key_id, conversation_id, backend, model, prompt, system, options, response,
-     prompt_chars, response_chars, status, error_code, error_message, done_reason, prompt_tokens,
-     completion_tokens, queue_ms, ttft_ms, latency_ms, upstream) = row  # fmt: skip
-    return ExchangeRecord(
-        id=id_, ts=ts, endpoint=endpoint, client=client, key_id=key_id, conversation_id=conversation_id,
-        backend=backend, model=model, prompt=prompt, system=system,
-        options=orjson.loads(options) if options is not None else None,
-        response=response, prompt_chars=prompt_chars, response_chars=response_chars, status=status,
-        error=LoggedError(error_code, error_message or "") if error_code is not None else None,
-        done_reason=done_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-        queue_ms=queue_ms, ttft_ms=ttft_ms, latency_ms=latency_ms, upstream=upstream,
-    )  # fmt: skip
+    """The record of a row read with _RECORD_COLUMNS."""
+    return PG.record(row[1:])
 
 
 def _ts_bound(moment: datetime) -> str:

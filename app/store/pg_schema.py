@@ -3,7 +3,8 @@
 Every replica migrates when it starts; a transaction-level advisory lock makes the second one wait for
 the first and then find the schema done (concurrent `CREATE TABLE IF NOT EXISTS` can otherwise fail on
 PostgreSQL's own catalog). `minivault_schema` holds the version; a newer database than this code knows
-is refused rather than written to.
+is refused rather than written to. A record column this code has and the table lacks (app/store/columns.py)
+is added whatever the version, as SQLite's store does: a new field needs no new version.
 """
 
 import logging
@@ -12,6 +13,8 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+
+from app.store.columns import PG
 
 logger = logging.getLogger(__name__)
 
@@ -25,35 +28,12 @@ INDEXED_CHARS = 100_000
 _LETTER_TOKENS = "word, numword, hword, numhword, hword_part, hword_numpart"
 
 _TABLES = [
-    # Texts compare byte-wise (COLLATE "C"), as in SQLite: ids, start times and models sort the same
-    # whatever the database's locale, and the (ts, id) order of a listing never depends on it.
+    # The record's columns come from app/store/columns.py; texts that sort compare byte-wise (COLLATE "C"),
+    # as in SQLite: ids, start times and models sort the same whatever the database's locale, and the (ts, id)
+    # order of a listing never depends on it.
     f"""CREATE TABLE IF NOT EXISTS exchanges (
         seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        id text COLLATE "C" NOT NULL,
-        ts text COLLATE "C" NOT NULL,
-        day text COLLATE "C",
-        endpoint text NOT NULL,
-        client text,
-        key_id text,
-        conversation_id text,
-        backend text NOT NULL,
-        model text COLLATE "C",
-        prompt text,
-        system text,
-        options text,
-        response text,
-        prompt_chars bigint,
-        response_chars bigint,
-        status text NOT NULL,
-        error_code text,
-        error_message text,
-        done_reason text,
-        prompt_tokens bigint,
-        completion_tokens bigint,
-        queue_ms double precision,
-        ttft_ms double precision,
-        latency_ms double precision,
-        upstream text,
+        {", ".join(column.pg_declaration() for column in PG.columns)},
         -- The ranking's length, kept so a search never reads the texts it ranks.
         text_chars integer GENERATED ALWAYS AS (COALESCE(length(prompt), 0) + COALESCE(length(response), 0)) STORED,
         search tsvector GENERATED ALWAYS AS (to_tsvector('{TEXT_CONFIG}',
@@ -128,6 +108,7 @@ def migrate(conninfo: str, connect_timeout: float = 10.0) -> None:
                     )
                 for step in _STEPS[version:]:
                     step(db)
+                _add_missing_columns(db)
                 if version < SCHEMA_VERSION:
                     db.execute("DELETE FROM minivault_schema")
                     db.execute("INSERT INTO minivault_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
@@ -176,3 +157,14 @@ def _v2(db: psycopg.Connection) -> None:
 
 
 _STEPS: list[Callable[[psycopg.Connection], None]] = [_v1, _v2]
+
+
+def _add_missing_columns(db: psycopg.Connection) -> None:
+    """Add the record's columns that a table made by an older MiniVault lacks (nullable: no row is rewritten)."""
+    present = db.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = 'exchanges'"
+    ).fetchall()
+    # Only what is missing is altered: ALTER TABLE takes the table's strongest lock, even for a column there.
+    for column in PG.missing(name for (name,) in present):
+        db.execute(f"ALTER TABLE exchanges ADD COLUMN IF NOT EXISTS {column.pg_declaration()}")

@@ -15,7 +15,8 @@ Per-day counts, token sums and latency buckets are kept per day, model and key a
 never scan exchanges (except the partial days at the ends of since..until), for one key or all of them.
 
 `logs/log.jsonl` stays the source of truth: `minivault logs reindex` refills this database from it
-through `add_many`, which works without the writer thread and skips exchanges already there.
+through `add_many`, which works without the writer thread and skips exchanges already there. The
+record's columns, and how each is written and read back, are app/store/columns.py's (PostgreSQL's too).
 """
 
 import asyncio
@@ -38,12 +39,11 @@ from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import orjson
-
 from app.errors import InvalidRequest, QueryTooExpensive
 from app.exchanges.batch_writer import BatchWriter
-from app.schemas import ExchangeRecord, LoggedError
+from app.schemas import ExchangeRecord
 from app.store.base import HistoryPage, HistoryQuery
+from app.store.columns import LOG_STEP, SQLITE, ts_text
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -61,33 +61,9 @@ _DROP_V1 = [f"DROP TABLE IF EXISTS {table}" for table in ("exchanges_text", "exc
 _DROP_V2 = ["DROP TABLE IF EXISTS exchange_days", "DROP TABLE IF EXISTS exchange_latencies"]
 # Plain statements (no executescript: it would commit the migration's transaction half-way).
 _SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS exchanges (
+    f"""CREATE TABLE IF NOT EXISTS exchanges (
         seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL,
-        ts TEXT NOT NULL,
-        day TEXT,
-        endpoint TEXT NOT NULL,
-        client TEXT,
-        key_id TEXT,
-        conversation_id TEXT,
-        backend TEXT NOT NULL,
-        model TEXT,
-        prompt TEXT,
-        system TEXT,
-        options TEXT,
-        response TEXT,
-        prompt_chars INTEGER,
-        response_chars INTEGER,
-        status TEXT NOT NULL,
-        error_code TEXT,
-        error_message TEXT,
-        done_reason TEXT,
-        prompt_tokens INTEGER,
-        completion_tokens INTEGER,
-        queue_ms REAL,
-        ttft_ms REAL,
-        latency_ms REAL,
-        latency_bucket INTEGER
+        {", ".join(column.sqlite_declaration() for column in SQLITE.columns)}
     )""",
     # An exchange is its start time and id: clients may choose ids (X-Request-ID, websocket `id`) and reuse
     # them, and a second exchange under an old id is not a duplicate; a line read twice (reindex) is.
@@ -135,16 +111,14 @@ _SCHEMA = [
         PRIMARY KEY (day, model, bucket, key_id)
     ) WITHOUT ROWID""",
 ]
-_COLUMNS = (
-    "id, ts, day, endpoint, client, key_id, conversation_id, backend, model, prompt, system, options, "
-    "response, prompt_chars, response_chars, status, error_code, error_message, done_reason, prompt_tokens, "
-    "completion_tokens, queue_ms, ttft_ms, latency_ms, latency_bucket"
-)
-# Rows go in 32 at a time, one statement each: SQLite then works without the GIL for the whole chunk,
-# where executemany() would take the GIL back for every row (and the event loop would wait for it).
-_CHUNKS = (32, 8, 1)  # 32 rows are 800 parameters: under 999, the limit of SQLite before 3.32
+_COLUMNS = ", ".join(SQLITE.names)
+# Rows go in chunks of about 30, one statement each: SQLite then works without the GIL for the whole chunk,
+# where executemany() would take the GIL back for every row (and the event loop would wait for it). A chunk
+# stays under 999 parameters, the limit of SQLite before 3.32.
+_CHUNKS = (999 // len(SQLITE.names), 8, 1)
 _INSERTS = {
-    size: f"INSERT OR IGNORE INTO exchanges ({_COLUMNS}) VALUES " + ", ".join([f"({', '.join('?' * 25)})"] * size)
+    size: f"INSERT OR IGNORE INTO exchanges ({_COLUMNS}) VALUES "
+    + ", ".join([f"({', '.join('?' * len(SQLITE.names))})"] * size)
     for size in _CHUNKS
 }
 # Run once per batch over the rows the batch added (seq > the largest before it); NOT INDEXED keeps the
@@ -172,14 +146,10 @@ _COUNT_LATENCIES = """
     GROUP BY day, COALESCE(model, ''), latency_bucket, COALESCE(key_id, '')
     ON CONFLICT (day, model, bucket, key_id) DO UPDATE SET count = count + excluded.count
 """
-_RECORD_COLUMNS = (
-    "e.seq, e.id, e.ts, e.endpoint, e.client, e.key_id, e.conversation_id, e.backend, e.model, e.prompt, e.system, "
-    "e.options, e.response, e.prompt_chars, e.response_chars, e.status, e.error_code, e.error_message, "
-    "e.done_reason, e.prompt_tokens, e.completion_tokens, e.queue_ms, e.ttft_ms, e.latency_ms"
-)
+# The cursor's seq, then the record's columns (`_record`).
+_RECORD_COLUMNS = "e.seq, " + ", ".join(f"e.{name}" for name in SQLITE.names)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-_CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 _DAY_MS = 86_400_000
 _READ_FLUSH_TIMEOUT = 5.0
 # Cursor: (snapshot or window top, score, seq) packed big-endian: 24 bytes, 32 base64url characters. Every
@@ -190,8 +160,6 @@ _CURSOR_RE = re.compile(CURSOR_PATTERN)
 # What `q` may be: double quotes in pairs (JSON Schema's regex dialect reads this one as Python does).
 PAIRED_QUOTES = '^[^"]*("[^"]*"[^"]*)*$'
 PERCENTILES = (50, 90, 99)
-_LOG_STEP = math.log(1.02)
-_SMALLEST_MS = 0.001
 _WORD = re.compile(r"[^\W_]")  # a character FTS5's tokenizer keeps
 RANK_WINDOW = 5000  # with `q`, matches ranked together (newest first)
 _K1, _B, _TYPICAL_CHARS = 1.2, 0.75, 1000.0
@@ -316,7 +284,10 @@ class SqliteHistory(BatchWriter):
             self._db.close()
 
     def _row(self, record: ExchangeRecord) -> tuple[Any, ...]:
-        return row_of(record, self.keep_text)
+        return SQLITE.row(record, self.keep_text)
+
+    def _row_bytes(self, row: tuple[Any, ...]) -> int:
+        return SQLITE.row_bytes(row)
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> int:
         with self._write_lock:
@@ -449,7 +420,8 @@ class SqliteHistory(BatchWriter):
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Create the tables on first use; PRAGMA user_version is the history schema's version."""
+    """Create the tables on first use, and add the columns an older MiniVault's table lacks; PRAGMA user_version
+    is the history schema's version (what cannot be added column by column)."""
     try:
         db.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
@@ -476,6 +448,10 @@ def _migrate(db: sqlite3.Connection) -> None:
                 db.execute(_COUNT_DAYS, (0,))
                 db.execute(_COUNT_LATENCIES, (0,))
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        present = [row[1] for row in db.execute("PRAGMA table_info(exchanges)")]
+        for column in SQLITE.missing(present):
+            # Nullable, with no default: SQLite changes only the table's definition, not its rows.
+            db.execute(f"ALTER TABLE exchanges ADD COLUMN {column.sqlite_declaration()}")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -483,50 +459,8 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 def row_of(record: ExchangeRecord, keep_text: bool = True) -> tuple[Any, ...]:
-    """The record as an `exchanges` row, in _COLUMNS order."""
-    ts, day = _start_of(record.ts)
-    error = record.error
-    options = record.options
-    return (
-        record.id, ts, day, record.endpoint, record.client, record.key_id, record.conversation_id,
-        record.backend, record.model,
-        record.prompt if keep_text else None,
-        record.system if keep_text else None,
-        orjson.dumps(options).decode() if options is not None else None,
-        record.response if keep_text else None,
-        record.prompt_chars, record.response_chars, record.status,
-        error.code if error is not None else None,
-        error.message if error is not None else None,
-        record.done_reason, record.prompt_tokens, record.completion_tokens,
-        record.queue_ms, record.ttft_ms, record.latency_ms, _bucket(record.latency_ms),
-    )  # fmt: skip
-
-
-def _bucket(latency_ms: float | None) -> int | None:
-    if latency_ms is None:
-        return None
-    return math.floor(math.log(max(latency_ms, _SMALLEST_MS)) / _LOG_STEP)
-
-
-def _start_of(ts: str) -> tuple[str, str | None]:
-    """A record's `ts` as stored (UTC, "YYYY-MM-DDTHH:MM:SS.mmmZ", as MiniVault writes it) and its UTC day;
-    another ISO form is converted, and a `ts` that is not a time is kept as it is, with no day."""
-    if _CANONICAL_TS.fullmatch(ts):
-        return ts, ts[:10]
-    try:
-        moment = datetime.fromisoformat(ts)
-    except ValueError:
-        return ts, None
-    canonical = _ts_text(moment)
-    return canonical, canonical[:10]
-
-
-def _ts_text(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    m = moment.astimezone(UTC)
-    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
-            f"{m.microsecond // 1000:03d}Z")  # fmt: skip
+    """The record as an `exchanges` row, in _COLUMNS order (app/store/columns.py)."""
+    return SQLITE.row(record, keep_text)
 
 
 def epoch_ms(moment: datetime) -> int:
@@ -541,24 +475,14 @@ def _ms_text(ms: int) -> str:
     """Unix milliseconds as a stored `ts`, for comparing with it (beyond the years 1-9999: a text before
     or after every `ts`)."""
     try:
-        return _ts_text(_EPOCH + timedelta(milliseconds=ms))
+        return ts_text(_EPOCH + timedelta(milliseconds=ms))
     except OverflowError:
         return "" if ms < 0 else "\uffff"
 
 
 def _record(row: tuple[Any, ...]) -> ExchangeRecord:
-    (_, id_, ts, endpoint, client, key_id, conversation_id, backend, model, prompt, system, options, response,
-     prompt_chars, response_chars, status, error_code, error_message, done_reason, prompt_tokens,
-     completion_tokens, queue_ms, ttft_ms, latency_ms) = row[:24]  # fmt: skip
-    return ExchangeRecord(
-        id=id_, ts=ts, endpoint=endpoint, client=client, key_id=key_id, conversation_id=conversation_id,
-        backend=backend, model=model, prompt=prompt, system=system,
-        options=orjson.loads(options) if options is not None else None,
-        response=response, prompt_chars=prompt_chars, response_chars=response_chars, status=status,
-        error=LoggedError(error_code, error_message or "") if error_code is not None else None,
-        done_reason=done_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-        queue_ms=queue_ms, ttft_ms=ttft_ms, latency_ms=latency_ms,
-    )  # fmt: skip
+    """The record of a row read with _RECORD_COLUMNS."""
+    return SQLITE.record(row[1:])
 
 
 # -- queries ---------------------------------------------------------------------------------------------
@@ -878,5 +802,5 @@ def _percentiles(buckets: dict[int, int] | None) -> dict[str, float] | None:
         while seen < wanted:
             index += 1
             seen += ordered[index][1]
-        result[f"p{p}"] = round(math.exp((ordered[index][0] + 0.5) * _LOG_STEP), 2)
+        result[f"p{p}"] = round(math.exp((ordered[index][0] + 0.5) * LOG_STEP), 2)
     return result
