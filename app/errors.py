@@ -42,6 +42,14 @@ class InvalidRequest(MiniVaultError):
     code = "invalid_request"
 
 
+class MissingCapability(InvalidRequest):
+    """The model cannot do what the request needs (tools, vision, thinking, insert): 400 on every API, as Ollama
+    answers it, since the body itself is valid."""
+
+    status = 400
+    code = "missing_capability"
+
+
 class ModelNotFound(MiniVaultError):
     """The upstream does not have the model asked for."""
 

@@ -2,12 +2,25 @@
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
+from app.dialects.inputs import InputLimits, base64_image, json_schema
 from app.errors import InvalidRequest
+from app.vocabulary import Image
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -16,6 +29,14 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # "Has a character str.strip() keeps", spelled out: JSON Schema's `\S` (ECMA-262) disagrees with Python on
 # U+001C-U+001F, U+0085 and U+FEFF, and schemathesis would send "\x1e" as a valid prompt.
 NOT_BLANK = r"[^\t\n\u000b\f\r \u001c-\u001f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+# What the schema promises of an image: base64 of a PNG, JPEG or GIF by its first bytes (WebP's size field
+# defeats a fixed prefix: it is accepted all the same). The server checks the bytes themselves.
+BASE64_IMAGE = (
+    r"^(?:iVBORw0KGgo[A-Za-z0-9+/]|/9j/|R0lGOD[dl]h)"
+    r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+)
+# A 1x1 PNG, for the examples.
+_PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
 
 class Options(BaseModel):
@@ -44,10 +65,18 @@ class Options(BaseModel):
     main_gpu: int | None = Field(None, ge=0, le=INT64_MAX)
     use_mmap: bool | None = None
     num_thread: int | None = Field(None, gt=0, le=INT64_MAX)
+    # Older Ollama options that Open WebUI's and Continue's settings still send (Ollama takes them or ignores them).
+    mirostat: int | None = Field(None, ge=0, le=2)
+    mirostat_eta: float | None = Field(None, ge=0)
+    mirostat_tau: float | None = Field(None, ge=0)
+    tfs_z: float | None = Field(None, ge=0)
+    low_vram: bool | None = None
+    vocab_only: bool | None = None
+    use_mlock: bool | None = None
 
     @field_validator(
         "num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu", "main_gpu",
-        "num_thread", mode="before",
+        "num_thread", "mirostat", mode="before",
     )  # fmt: skip
     @classmethod
     def _integral_float(cls, value: object) -> object:
@@ -68,6 +97,10 @@ class GenerateRequest(BaseModel):
                 {"prompt": "Explain gravity in one sentence."},
                 {"prompt": "Why is the sky blue?", "system": "Answer briefly.",
                  "options": {"temperature": 0.2, "num_predict": 64}, "stream": True},
+                {"prompt": "Name a primary colour.", "format": {"type": "object", "properties": {
+                    "colour": {"type": "string"}}, "required": ["colour"]}},
+                {"prompt": "What is in this picture?", "model": "llava:7b", "images": [_PIXEL]},
+                {"prompt": "Is 97 prime?", "model": "qwen3:0.6b", "think": "low", "stream": True},
             ]
         },
     )  # fmt: skip
@@ -83,6 +116,23 @@ class GenerateRequest(BaseModel):
         description="Continue this conversation (an unknown id starts one): its earlier turns are sent along, "
         "and the answer is kept as its next turn.",
     )
+    format: Literal["json"] | dict[str, Any] | None = Field(
+        None, description='Structured output: `"json"` (any JSON object), or a JSON schema the answer must match.'
+    )
+    images: list[Annotated[str, Field(json_schema_extra={"pattern": BASE64_IMAGE})]] | None = Field(
+        None,
+        description="Images for the prompt, base64 (no data: prefix): PNG, JPEG, WebP or GIF within "
+        "MINIVAULT_MAX_IMAGE_BYTES each; the model needs the `vision` capability.",
+    )
+    think: bool | Literal["low", "medium", "high"] | None = Field(
+        None,
+        description="Thinking: on, off, or an effort level; the model needs the `thinking` capability. The "
+        "thinking comes back as `thinking` (SSE `thinking` events, websocket `thinking` frames).",
+    )
+    # Not a field of this API: named only so its refusal can point to the dialects that take tools.
+    tools: SkipJsonSchema[Any] = Field(None, exclude=True)
+    # The images, decoded and checked by parse_generate_request.
+    _images: tuple[Image, ...] = PrivateAttr(default=())
 
     @field_validator("prompt")
     @classmethod
@@ -90,6 +140,34 @@ class GenerateRequest(BaseModel):
         if not value.strip():
             raise ValueError("must not be blank")
         return value
+
+    @field_validator("format", mode="wrap")
+    @classmethod
+    def _format(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:  # one phrase instead of one per member of the union
+            raise ValueError('must be "json" or a JSON schema object') from None
+
+    @field_validator("think", mode="wrap")
+    @classmethod
+    def _think(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError('must be true, false, "low", "medium" or "high"') from None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("/generate takes no tools; send them to /api/chat or /v1/chat/completions")
+        return value
+
+    @property
+    def decoded_images(self) -> tuple[Image, ...]:
+        """The images' bytes and media types (checked when the request was parsed)."""
+        return self._images
 
     def upstream_options(self) -> dict[str, Any] | None:
         """The options actually set, as the upstream expects them."""
@@ -111,6 +189,7 @@ class GenerateResponse(BaseModel):
     """The non-streaming answer; also the `done` SSE event and (with `type`) the WS `done` frame."""
 
     response: str
+    thinking: str | None = Field(None, description="The model's thinking, when it thought (left out otherwise).")
     model: str
     id: str
     done_reason: str | None
@@ -152,14 +231,33 @@ class LoggedError:
     message: str
 
 
+@dataclass(slots=True)
+class LoggedToolCall:
+    """A tool call the model made; `arguments` is its JSON text, None with MINIVAULT_LOG_PROMPTS=false."""
+
+    id: str
+    name: str
+    arguments: str | None
+
+
+@dataclass(slots=True)
+class LoggedImage:
+    """What the record keeps of an image (Image.describe()): never its bytes."""
+
+    media_type: str
+    bytes: int
+    sha256: str
+
+
 @dataclass(slots=True, kw_only=True)
 class ExchangeRecord:
     """One line of logs/log.jsonl: a finished exchange, whatever its outcome.
 
     A dataclass rather than a BaseModel: orjson writes it directly (one is made per request),
     and readers validate lines against it with `read_record`. With MINIVAULT_LOG_PROMPTS=false
-    the three texts are None and only their lengths are kept. Fields newer than the first log
-    format have defaults, so old lines still read.
+    the texts (prompt, system, response, thinking, tool-call arguments) are None and only their
+    lengths and names are kept. Fields newer than the first log format have defaults, so old
+    lines still read.
     """
 
     id: str
@@ -186,10 +284,25 @@ class ExchangeRecord:
     latency_ms: float | None = None
     # With several upstream hosts: the one that answered (or the last one tried).
     upstream: str | None = None
+    # Beyond text, set only when the exchange asked or produced more than text (None otherwise, so a plain
+    # exchange costs only these nulls): the tools offered (names), the output format (`"json"` or the schema),
+    # the images of every message in order, the calls the model made, and its thinking (None without
+    # MINIVAULT_LOG_PROMPTS, like the response; `thinking_chars` keeps its length).
+    tools: list[str] | None = None
+    format: str | dict[str, Any] | None = None
+    images: list[LoggedImage] | None = None
+    tool_calls: list[LoggedToolCall] | None = None
+    thinking: str | None = None
+    thinking_chars: int | None = None
+    # What the backend left out: options it cannot apply per request, and messages dropped to fit the context.
+    ignored_options: list[str] | None = None
+    dropped_messages: int | None = None
 
 
 # A refused request's texts are kept up to this many characters (1 KiB of them); `prompt_chars` keeps the true length.
 REFUSED_TEXT_CHARS = 1024
+# And its lists (tools, images, tool calls) up to this many items.
+REFUSED_ITEMS = 32
 
 
 @dataclass(slots=True, kw_only=True)
@@ -262,13 +375,25 @@ def parse_body(model: type[M], raw: bytes | str | dict[str, Any], example: str) 
         raise InvalidRequest(describe_validation_errors(exc, example)) from None
 
 
-def parse_generate_request(raw: bytes | str | dict[str, Any], max_prompt_chars: int) -> GenerateRequest:
-    """Validate a generate request, including the prompt length limit."""
+def parse_generate_request(
+    raw: bytes | str | dict[str, Any], max_prompt_chars: int, max_image_bytes: int
+) -> GenerateRequest:
+    """Validate a generate request: the prompt length limit, and a schema `format` and the images by their bytes."""
     request = parse_body(GenerateRequest, raw, '{"prompt": "Hello"}')
     if len(request.prompt) > max_prompt_chars:
         raise InvalidRequest(
             f"prompt: is {len(request.prompt)} characters; the limit is {max_prompt_chars} (MINIVAULT_MAX_PROMPT_CHARS)"
         )
+    if type(request.format) is dict:
+        json_schema(request.format, "format")
+        try:
+            orjson.dumps(request.format)
+        except TypeError:  # a number JSON allows and no upstream (nor the log) can be sent
+            raise InvalidRequest("format: holds an integer beyond 64 bits; keep the schema's numbers within "
+                                 "-2^63 .. 2^64-1") from None  # fmt: skip
+    if request.images:
+        limits = InputLimits(max_prompt_chars, max_image_bytes)
+        request._images = tuple(base64_image(text, f"images[{i}]", limits) for i, text in enumerate(request.images))
     return request
 
 

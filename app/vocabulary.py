@@ -10,8 +10,11 @@ the next turn's prompt, and with it the model server's prompt cache.
 """
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import orjson
 
 Role = Literal["system", "user", "assistant", "tool"]
 # Off (False), on (True), or an effort level; None: the model's default.
@@ -153,3 +156,30 @@ def image_type(data: bytes) -> str | None:
     if data.startswith((b"GIF87a", b"GIF89a")):
         return "image/gif"
     return None
+
+
+# Tool-call arguments arrive as text (OpenAI) or as an object (Ollama): these move between the two.
+
+
+def json_text(value: Any) -> str:
+    """`value` as compact JSON, keys in their order; an integer beyond 64 bits (orjson's limit) is written too."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def json_object(text: str) -> bool:
+    """Whether `text` is one JSON object (integers beyond 64 bits included; NaN and Infinity are not JSON)."""
+    try:
+        return isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return isinstance(json.loads(text, parse_constant=_not_json), dict)
+    except ValueError:
+        return False
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")

@@ -92,7 +92,8 @@ async def test_log_record_has_every_documented_field(ollama: respx.MockRouter, l
     assert set(line) == {
         "id", "ts", "endpoint", "client", "key_id", "conversation_id", "backend", "model", "prompt", "system",
         "options", "response", "prompt_chars", "response_chars", "status", "error", "done_reason", "prompt_tokens",
-        "completion_tokens", "queue_ms", "ttft_ms", "latency_ms", "upstream",
+        "completion_tokens", "queue_ms", "ttft_ms", "latency_ms", "upstream", "tools", "format", "images",
+        "tool_calls", "thinking", "thinking_chars", "ignored_options", "dropped_messages",
     }  # fmt: skip
     assert line["ts"].endswith("Z") and "T" in line["ts"]
     assert {k: line[k] for k in line if k not in ("ts", "queue_ms", "ttft_ms", "latency_ms")} == {
@@ -115,7 +116,10 @@ async def test_log_record_has_every_documented_field(ollama: respx.MockRouter, l
         "prompt_tokens": 4,
         "completion_tokens": 2,
         "upstream": None,  # named only with several hosts
-    }
+        # Issue 16's fields: null for plain text (no tools offered, no format, no images, no calls, no thinking).
+        "tools": None, "format": None, "images": None, "tool_calls": None, "thinking": None, "thinking_chars": None,
+        "ignored_options": None, "dropped_messages": None,
+    }  # fmt: skip
     # A free slot: the measured wait (about 0 ms), not null.
     assert 0 <= line["queue_ms"] <= line["ttft_ms"] <= line["latency_ms"]
     assert response.json()["usage"] == {"prompt_tokens": 4, "completion_tokens": 2}
@@ -132,5 +136,15 @@ async def test_openapi_documents_the_request_body(log_path: Path) -> None:
     assert body["properties"]["options"]["anyOf"][0] == {"$ref": "#/components/schemas/Options"}
     assert "num_predict" in schema["components"]["schemas"]["Options"]["properties"]
     assert body["required"] == ["prompt"]
-    assert set(body["properties"]) == {"prompt", "model", "system", "options", "stream", "conversation_id"}
+    assert set(body["properties"]) == {
+        "prompt",
+        "model",
+        "system",
+        "options",
+        "stream",
+        "conversation_id",
+        "format",
+        "images",
+        "think",
+    }
     assert json.dumps(schema).count("invalid_request") >= 1

@@ -11,7 +11,15 @@ import httpx
 import orjson
 
 from app.backends.transport import failure_kind
-from app.errors import BackendError, BackendTimeout, BackendUnavailable, Busy, InvalidRequest, MiniVaultError
+from app.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    Busy,
+    InvalidRequest,
+    MiniVaultError,
+    MissingCapability,
+)
 from app.vocabulary import Event, Message, OutputFormat, Think, Tool, ToolChoice
 
 logger = logging.getLogger(__name__)
@@ -114,7 +122,7 @@ def check_capabilities(chat: ChatInput, has: frozenset[str]) -> None:
     """Refuse `chat` with a 400 naming what its model lacks, in Ollama's words (`model "x" does not support tools`)."""
     missing = required_capabilities(chat) - has
     if missing:
-        raise InvalidRequest(f'model "{chat.model}" does not support {" or ".join(sorted(missing))}')
+        raise MissingCapability(f'model "{chat.model}" does not support {" or ".join(sorted(missing))}')
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 from app.backends import ChatInput
 from app.errors import NotFound
 from app.store import ConversationStore, Turn
-from app.vocabulary import Message
+from app.vocabulary import Image, Message, OutputFormat, Think
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +108,16 @@ class ConversationMemory:
         system: str | None,
         options: dict[str, Any] | None,
         visible_to: str | None = None,
+        *,
+        format: OutputFormat | None = None,
+        think: Think = None,
+        images: tuple[Image, ...] = (),
     ) -> ChatInput:
         """The messages for `prompt`: system first (the request's, else the conversation's), then the
         latest turns that fit MINIVAULT_MAX_TURNS and MINIVAULT_MAX_CONTEXT_CHARS, then the prompt.
 
         `visible_to` is an ordinary key's key_id: another key's conversation is NotFound (None: any).
+        The prompt's images, format and thinking go with this prompt only: the turns kept are text.
         """
         limits = self.limits
         conversation = await self.store.recent(conversation_id, limits.max_turns, limits.max_chars)
@@ -126,8 +131,8 @@ class ConversationMemory:
         for turn in kept:
             messages.append(Message("user", turn.prompt))
             messages.append(Message("assistant", turn.response))
-        messages.append(Message("user", prompt))
-        return ChatInput(model, tuple(messages), options, conversation=True)
+        messages.append(Message("user", prompt, images=images))
+        return ChatInput(model, tuple(messages), options, conversation=True, format=format, think=think)
 
     async def remember(self, conversation_id: str, turn: Turn, system: str | None, key_id: str | None = None) -> None:
         """Keep a finished turn (a failed or cancelled answer never gets here); a new conversation is `key_id`'s."""

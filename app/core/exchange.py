@@ -4,10 +4,21 @@ import time
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import orjson
+
 from app.backends import Backend, ChatInput, Completion
 from app.core.caller import Caller
 from app.errors import MiniVaultError
-from app.schemas import REFUSED_TEXT_CHARS, ExchangeRecord, LoggedError, RefusedRecord, Status
+from app.schemas import (
+    REFUSED_ITEMS,
+    REFUSED_TEXT_CHARS,
+    ExchangeRecord,
+    LoggedError,
+    LoggedImage,
+    LoggedToolCall,
+    RefusedRecord,
+    Status,
+)
 from app.vocabulary import ThinkingDelta, ToolCallDelta, ToolCalls
 
 
@@ -91,9 +102,9 @@ class Exchange:
         return self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def result(self) -> dict[str, Any]:
-        """The answer as REST returns it, and as the SSE/WS `done` events carry it."""
+        """The answer as REST returns it, and as the SSE/WS `done` events carry it (`thinking` when there was any)."""
         completion = self.completion
-        return {
+        result: dict[str, Any] = {
             "response": self.text,
             "model": self.model,
             "id": self.id,
@@ -101,6 +112,9 @@ class Exchange:
             "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
             "timings": {"total_ms": self.latency_ms, "ttft_ms": self.ttft_ms, "queue_ms": self.queue_ms},
         }
+        if self.thinking:
+            result["thinking"] = "".join(self.thinking)
+        return result
 
     def record(self, keep_text: bool) -> ExchangeRecord:
         """The line this exchange leaves in logs/log.jsonl; without `keep_text`, lengths stand in for texts.
@@ -112,14 +126,16 @@ class Exchange:
         error = self.error
         logged_error = LoggedError(error.code, error.message) if error else None
         kind = ExchangeRecord
-        if self.status == "error" and not self.accepted:
+        refused = self.status == "error" and not self.accepted
+        if refused:
             # A refusal costs its sender nothing, so it must cost little to keep: whole, a flood of huge
             # refused prompts filled the disk and the writer queues.
             kind = RefusedRecord
             prompt, system, model = _cut(prompt), _cut(system), _cut(model)
             if logged_error is not None:
                 logged_error.message = _cut(logged_error.message)
-        return kind(
+        completion = self.completion
+        record = kind(
             id=self.id,
             ts=self.iso_ts,
             endpoint=self.endpoint,
@@ -136,14 +152,23 @@ class Exchange:
             response_chars=len(text),
             status=self.status,
             error=logged_error,
-            done_reason=self.completion.done_reason,
-            prompt_tokens=self.completion.prompt_tokens,
-            completion_tokens=self.completion.completion_tokens,
+            done_reason=completion.done_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
             queue_ms=self.queue_ms,
             ttft_ms=self.ttft_ms,
             latency_ms=self.latency_ms,
-            upstream=self.completion.host,
+            upstream=completion.host,
         )
+        chat = self.chat
+        # The fast path: a plain exchange's record is built as it was before tools, formats and images.
+        if (chat is not None and not chat.plain) or self.thinking or self.tool_calls:
+            _beyond_text(self, record, keep_text, refused)
+        if completion.ignored_options:
+            record.ignored_options = list(completion.ignored_options)
+        if completion.dropped_messages:
+            record.dropped_messages = completion.dropped_messages
+        return record
 
 
 _Text = TypeVar("_Text", str, str | None)
@@ -151,3 +176,37 @@ _Text = TypeVar("_Text", str, str | None)
 
 def _cut(text: _Text) -> _Text:
     return text[:REFUSED_TEXT_CHARS] if text is not None and len(text) > REFUSED_TEXT_CHARS else text
+
+
+def _beyond_text(exchange: Exchange, record: ExchangeRecord, keep_text: bool, refused: bool) -> None:
+    """Fill in what the exchange asked and produced beyond text: tools, format, images, tool calls, thinking.
+
+    A refusal keeps REFUSED_ITEMS of each list and REFUSED_TEXT_CHARS of each text, as it does of its prompt.
+    """
+    items, cut = (REFUSED_ITEMS, _cut) if refused else (None, _whole)
+    chat = exchange.chat
+    if chat is not None:
+        if chat.tools:
+            record.tools = [cut(tool.name) for tool in chat.tools[:items]]
+        if chat.format is not None:
+            record.format = chat.format.describe()
+            if refused and isinstance(record.format, dict):
+                schema = orjson.dumps(record.format).decode()
+                if len(schema) > REFUSED_TEXT_CHARS:
+                    record.format = schema[:REFUSED_TEXT_CHARS]  # its JSON text, cut: no longer a schema
+        images = [image for message in chat.messages for image in message.images][:items]
+        if images:
+            record.images = [LoggedImage(**image.describe()) for image in images]
+    if exchange.tool_calls:
+        record.tool_calls = [
+            LoggedToolCall(cut(call.id), cut(call.name), cut(call.arguments) if keep_text else None)
+            for call in exchange.tool_calls.calls()[:items]
+        ]
+    thinking = exchange.thinking_text
+    if thinking is not None:
+        record.thinking_chars = len(thinking)
+        record.thinking = cut(thinking) if keep_text else None
+
+
+def _whole(text: _Text) -> _Text:
+    return text

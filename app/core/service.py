@@ -22,7 +22,7 @@ from app.schemas import (
     GenerateRequest,
 )
 from app.store import Turn
-from app.vocabulary import Event
+from app.vocabulary import Event, OutputFormat
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +176,24 @@ class GenerationService:
         self._drain_gate.closed = value
 
     def exchange(self, caller: Caller, request: GenerateRequest) -> Exchange:
-        """An exchange for MiniVault's own request (REST, SSE, websocket)."""
+        """An exchange for MiniVault's own request (REST, SSE, websocket).
+
+        In a conversation `chat` is built once the turns are read; until then it is the prompt alone,
+        when the request asks more than text (a format, images, thinking), so the turns can carry it.
+        """
         options = request.upstream_options()
         model = request.model or self.backend.default_model
         conversation_id = request.conversation_id
-        chat = None if conversation_id else ChatInput.single(model, request.prompt, request.system, options)
+        asks: dict[str, Any] = {}
+        if request.format is not None:
+            asks["format"] = OutputFormat(None if request.format == "json" else request.format)
+        if request.think is not None:
+            asks["think"] = request.think
+        if request.images:
+            asks["images"] = request.decoded_images
+        chat = None
+        if not conversation_id or asks:
+            chat = ChatInput.single(model, request.prompt, request.system, options, **asks)
         return Exchange(
             caller, self.backend, prompt=request.prompt, model=model,
             system=request.system, options=options, chat=chat, conversation_id=conversation_id,
@@ -318,14 +331,18 @@ class GenerationService:
             # An ordinary key continues only its own conversations (another's is not_found); with auth off
             # (no key_id) or an admin key, any.
             visible_to = None if exchange.admin else exchange.key_id
+            asked = exchange.chat  # the prompt alone, with what it asks beyond text (None: text only)
             chat = await self.memory.chat_input(
-                conversation_id, exchange.model, prompt, exchange.system, exchange.options, visible_to
-            )
+                conversation_id, exchange.model, prompt, exchange.system, exchange.options, visible_to,
+                format=asked.format if asked else None, think=asked.think if asked else None,
+                images=asked.messages[-1].images if asked else (),
+            )  # fmt: skip
         except BaseException:
             self.memory.release(conversation_id)
             raise
         finally:
             guard.inside = False
+        exchange.chat = chat  # what was sent, turns included: the record reads it
         return chat
 
     async def run(self, exchange: Exchange) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonschema_rs
+import orjson
 
 from app.errors import InvalidRequest
 from app.vocabulary import IMAGE_TYPES, Image, image_type
@@ -90,7 +91,7 @@ def _too_large(field: str, size: int, limits: InputLimits) -> str:
 
 def tool_name(name: object, field: str) -> str:
     """A function name as OpenAI and Ollama accept it: 1 to 64 letters, digits, `_` or `-`."""
-    if not isinstance(name, str) or not TOOL_NAME.match(name):
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
         raise invalid(f"{field}: must be 1 to 64 letters, digits, underscores or hyphens (got {name!r:.80})", field)
     return name
 
@@ -105,6 +106,10 @@ def json_schema(schema: object, field: str) -> dict[str, Any]:
         # An unknown draft would make the checker fetch it: MiniVault never fetches a URL on a client's behalf.
         drafts = ", ".join(sorted(_DRAFTS))
         raise invalid(f"{field}.$schema: must be a JSON Schema draft's own URI ({drafts}), or left out", field)
+    try:
+        orjson.dumps(schema)
+    except TypeError:  # an integer beyond 64 bits: no upstream could be sent it, nor the log write it
+        raise invalid(f"{field}: holds an integer beyond 64 bits; use a smaller number or a string", field) from None
     try:
         jsonschema_rs.meta.validate(schema)
     except jsonschema_rs.ValidationError as exc:
