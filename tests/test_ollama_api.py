@@ -177,7 +177,7 @@ def test_show_is_synthesized_on_the_embedded_engine(embedded: Gateway) -> None:
         shown = client.show(embedded.model)
     raw = httpx.post(f"{embedded.url}/api/show", json={"model": embedded.model}).json()
 
-    assert (shown.modelfile, shown.template, shown.capabilities) == ("", "", ["completion"])
+    assert (shown.modelfile, shown.template, shown.capabilities) == ("", "", ["completion", "tools"])
     assert shown.details is not None
     assert raw["details"]["file"] == f"{embedded.model}.gguf"  # the file's name, not its path
 
@@ -280,13 +280,15 @@ def test_an_invalid_option_is_400_naming_the_field(fake: Gateway) -> None:
     assert (line["endpoint"], line["status"], line["error"]["code"]) == ("ollama", "error", "invalid_request")
 
 
-def test_images_are_refused_with_400(fake: Gateway, fake_client: ollama.Client, ids: RequestIds) -> None:
+def test_an_image_that_is_not_one_is_refused_with_400(
+    fake: Gateway, fake_client: ollama.Client, ids: RequestIds
+) -> None:
     assert fake.fake is not None
     with pytest.raises(ollama.ResponseError) as caught:
         fake_client.generate(model="llama3", prompt="What is this?", images=[b"\x89PNG\r\n"])
 
     assert caught.value.status_code == 400
-    assert caught.value.error == "images: image input is not supported by MiniVault; remove it"
+    assert caught.value.error == "images[0]: not a PNG, JPEG, WEBP, GIF image by its bytes"
     assert fake.fake.requests == []
     line = fake.logged(ids.last)
     assert (line["status"], line["model"], line["prompt"], line["error"]["code"]) == (

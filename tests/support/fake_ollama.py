@@ -50,8 +50,9 @@ The rest of Ollama's wire format (docs/api.md, server/routes.go), scripted by at
                        support image input" (invalid base64: Go's "illegal base64 data at input byte N"); with it
                        the answer starts "I see N image(s): S1, S2 bytes." (decoded sizes), then the text
   suffix (generate)    without "insert" 400 "registry.ollama.ai/library/M:T does not support insert"; with it the
-                       answer is "<fim prefix=P suffix=S>" (lengths in characters); `raw: true` echoes the prompt
-                       (with `template`, `system` or `context`: Ollama's 400)
+                       answer is "<fim prefix=P suffix=S>" (lengths in characters); `raw: true` echoes the prompt,
+                       suffix or not (Ollama applies a suffix through the template raw mode skips; it still needs
+                       "insert"), and with `template`, `system` or `context` is Ollama's 400
   /api/embed           {model, input: str|list, truncate?, dimensions?, keep_alive?} -> {model, embeddings,
                        total_duration, load_duration, prompt_eval_count}: unit vectors of `embedding_length` (8)
                        floats from sha256 of each text, cut and renormalised to `dimensions`; `/api/embeddings`
@@ -208,8 +209,10 @@ class FakeOllama:
             await _json(send, 200, {"models": [self._running_entry(name) for name in self._running()]})
         elif path == "/api/show" and method == "POST":
             model = _model_of(body)
-            if isinstance(model, str) and model in self.models:
-                await _json(send, 200, self._shown(model))
+            # Like Ollama, a name without a tag means `:latest`.
+            tagged = model if not isinstance(model, str) or ":" in model else f"{model}:latest"
+            if isinstance(model, str) and tagged in self.models:
+                await _json(send, 200, self._shown(tagged))
             else:
                 await _json(send, 404, {"error": f"model '{model}' not found"})
         elif path == "/api/delete" and method == "DELETE":
@@ -536,7 +539,8 @@ class FakeOllama:
         messages: list[dict[str, Any]] = list(payload.get("messages") or ()) if chat else []
         text = prompt
         results = _trailing_tool_results(messages)
-        if not chat and payload.get("suffix"):
+        # Raw mode sends the prompt as it is: Ollama fills a suffix in only through the model's template.
+        if not chat and payload.get("suffix") and not payload.get("raw"):
             text = f"<fim prefix={len(prompt)} suffix={len(payload['suffix'])}>"
         elif results:
             text = " ".join(f"{m.get('tool_name') or 'tool'} said: {m.get('content') or ''}" for m in results)

@@ -142,7 +142,10 @@ def tool_call(index: int, scripted: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def schema_instance(schema: object, text: str | None, root: object = None, depth: int = 0, key: str = "") -> Any:
+def schema_instance(
+    schema: object, text: str | None, root: object = None, depth: int = 0, key: str = "",
+    following: frozenset[str] = frozenset(),
+) -> Any:  # fmt: skip
     """A small value that validates against the JSON schema `schema`: every string is `text` (the property's
     name when `text` is None), numbers the smallest allowed, arrays one item, enums their first value.
 
@@ -153,10 +156,12 @@ def schema_instance(schema: object, text: str | None, root: object = None, depth
     root = schema if root is None else root
     if not isinstance(schema, dict):
         return text if text is not None else key  # the `true` schema: anything goes
-    if isinstance(schema.get("$ref"), str):
-        resolved = _resolve(root, schema["$ref"])
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        # A ref already being followed here (refs that only point at each other) adds nothing more.
+        resolved = {} if ref in following else _resolve(root, ref)
         rest = {k: v for k, v in schema.items() if k != "$ref"}
-        return schema_instance({**resolved, **rest}, text, root, depth, key)
+        return schema_instance({**resolved, **rest}, text, root, depth, key, following | {ref})
     if "const" in schema:
         return schema["const"]
     if schema.get("enum"):
@@ -166,7 +171,8 @@ def schema_instance(schema: object, text: str | None, root: object = None, depth
         if options:
             return schema_instance(_choose(options, depth), text, root, depth, key)
     if schema.get("allOf"):
-        merged = _merged([_resolve(root, s["$ref"]) if "$ref" in s else s for s in schema["allOf"]])
+        parts = [s for s in schema["allOf"] if isinstance(s, dict)]  # `true` adds nothing (`false`: nothing fits)
+        merged = _merged([_resolve(root, s["$ref"]) if "$ref" in s else s for s in parts])
         rest = {k: v for k, v in schema.items() if k != "allOf"}
         return schema_instance(_merged([merged, rest]), text, root, depth, key)
     kind = schema.get("type")
@@ -204,8 +210,14 @@ def schema_instance(schema: object, text: str | None, root: object = None, depth
 def _resolve(root: object, ref: str) -> dict[str, Any]:
     """A local `$ref` (`#/$defs/Name`, `#/definitions/Name`) looked up in the root schema."""
     node: Any = root
-    for part in ref.removeprefix("#").strip("/").split("/") if ref != "#" else []:
-        node = node[part.replace("~1", "/").replace("~0", "~")]
+    for part in ref.removeprefix("#").strip("/").split("/") if ref.strip("#/") else []:
+        key = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return {}  # not a local pointer (an anchor, a URL) or one to nothing: it constrains nothing here
     return node if isinstance(node, dict) else {}
 
 

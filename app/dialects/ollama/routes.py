@@ -9,6 +9,7 @@ needs an admin key, and the names it sends must pass the registry rules (app.cor
 Errors take Ollama's shape, `{"error": "..."}`.
 """
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from app.backends import Backend, HostPool, ModelInfo, SupportsForward
+from app.backends import Backend, HostPool, ModelInfo, OllamaBackend, SupportsForward
 from app.core.model_policy import MANAGEMENT_PATHS, NAMING_PATHS, ModelManagement
 from app.dialects.ollama import wire as ollama
 from app.dialects.relay import answer, read_exchange
@@ -68,20 +69,20 @@ def _ok(description: str, example: dict[str, Any], stream_example: str | None = 
     return {200: {"description": description, "content": content}}
 
 
-_FINAL = {
-    "model": "tinyllama:1.1b-chat", "created_at": "2026-11-29T21:40:57.291Z", "done": True, "done_reason": "stop",
-    "total_duration": 845400000, "prompt_eval_count": 24, "prompt_eval_duration": 23800000, "eval_count": 15,
-    "eval_duration": 821600000,
-}  # fmt: skip
+def _answers(description: str, examples: dict[str, Any], lines: dict[str, Any]) -> dict[int | str, Any]:
+    """A generation's 200: worked examples of its answers (text, thinking, tool calls), whole and as NDJSON."""
+    content = {"application/json": {"examples": examples}, _NDJSON: {"schema": {"type": "string"}, "examples": lines}}
+    return {200: {"description": description, "content": content}}
 
 
 @router.post(
     "/generate",
     responses={
-        **_ok(
-            "One object with `stream: false`; else NDJSON lines, the last with `done: true` and the counts.",
-            {**_FINAL, "response": "Sunlight scatters off air molecules."},
-            '{"model":"tinyllama:1.1b-chat","created_at":"2026-11-29T21:40:56.445Z","response":"Sun","done":false}\n',
+        **_answers(
+            "One object with `stream: false`; else NDJSON lines, the last with `done: true` and the counts. With "
+            "`think`, the thinking as `thinking` (lines of their own before the answer's).",
+            ollama.GENERATE_ANSWERS,
+            ollama.GENERATE_LINES,
         ),
         **_GENERATION_ERRORS,
     },
@@ -96,11 +97,11 @@ async def generate(request: Request) -> Response:
 @router.post(
     "/chat",
     responses={
-        **_ok(
-            "One object with `stream: false`; else NDJSON lines, the last with `done: true` and the counts.",
-            {**_FINAL, "message": {"role": "assistant", "content": "Sunlight scatters off air molecules."}},
-            '{"model":"tinyllama:1.1b-chat","created_at":"2026-11-29T21:40:56.445Z","message":{"role":"assistant",'
-            '"content":"Sun"},"done":false}\n',
+        **_answers(
+            "One object with `stream: false`; else NDJSON lines, the last with `done: true` and the counts. With "
+            "`think`, `message.thinking`; with `tools`, the calls as `message.tool_calls` (a line holds whole calls).",
+            ollama.CHAT_ANSWERS,
+            ollama.CHAT_LINES,
         ),
         **_GENERATION_ERRORS,
     },
@@ -116,8 +117,14 @@ async def _answer(request: Request, body: ollama.GenerateBody | ollama.ChatBody,
     if exchange is None:
         # No prompt: Ollama loads the model and says so; so does MiniVault, on any backend.
         backend: Backend = request.app.state.backend
+        if isinstance(backend, (OllamaBackend, HostPool)):
+            # Ollama's keep_alive too: 0 unloads the model (Open WebUI's Unload), and Ollama answers "unload".
+            await backend.warm(body.model, body.keep_alive)
+            reason = "unload" if ollama.unloads(body.keep_alive) else "load"
+            return OrjsonResponse(ollama.loaded(body.model, chat, reason))
         if not isinstance(backend, SupportsForward):
             await _find(backend, body.model)  # Ollama's warm-up says 404 itself; other backends' do not check
+        # The other backends keep their models loaded whatever keep_alive says, so the answer stays "load".
         await backend.warm(body.model)
         return OrjsonResponse(ollama.loaded(body.model, chat))
     lines = ollama.LineStream(exchange, chat)
@@ -137,7 +144,7 @@ _TAG_EXAMPLE = {
     "/tags", responses={**_ok("The models the backend has.", {"models": [_TAG_EXAMPLE]}), **_errors(502, 503, 504)}
 )
 async def tags(request: Request) -> Response:
-    """The models the backend has, as Ollama lists them."""
+    """The models the backend has, as Ollama lists them (`modified_at`: the model file's time, where known)."""
     backend: Backend = request.app.state.backend
     if isinstance(backend, SupportsForward):
         return await _forwarded(backend, request)
@@ -163,14 +170,15 @@ class ShowBody(BaseModel):
     "/show",
     responses={
         **_ok(
-            "What Ollama knows of the model (on other backends: its name and details).",
+            "What Ollama knows of the model (on other backends: its details, and the capabilities MiniVault "
+            "accepts for it: `completion`, `tools`, `vision`, `thinking`, `insert`).",
             {
                 "modelfile": "",
                 "parameters": "",
                 "template": "",
                 "details": _TAG_EXAMPLE["details"],
                 "model_info": {},
-                "capabilities": ["completion"],
+                "capabilities": ["completion", "tools"],
                 "modified_at": "2026-11-01T10:00:00Z",
             },
         ),  # fmt: skip
@@ -189,7 +197,7 @@ class ShowBody(BaseModel):
     },  # fmt: skip
 )
 async def show(request: Request) -> Response:
-    """Details of one model; 404 when the backend does not have it."""
+    """Details of one model and what it can be asked for (`capabilities`); 404 when the backend does not have it."""
     backend: Backend = request.app.state.backend
     example = '{"model": "llama3"}'
     raw = await request.body()
@@ -209,27 +217,48 @@ async def show(request: Request) -> Response:
             "template": "",
             "details": info.details,
             "model_info": {},
-            "capabilities": ["completion"],
+            "capabilities": sorted(await backend.capabilities(info.name)),
             "modified_at": info.modified_at,
         }  # fmt: skip
     )
 
 
+_PS_EXAMPLE = {
+    "name": "tinyllama:1.1b-chat", "model": "tinyllama:1.1b-chat", "size": 637700138, "digest": "2644915ede35",
+    "details": _TAG_EXAMPLE["details"], "expires_at": "2318-03-13T04:03:40Z", "size_vram": 0, "context_length": 2048,
+}  # fmt: skip
+# Ollama's expiry for a model kept loaded for good (keep_alive -1): now plus Go's longest time.Duration.
+_FOREVER = timedelta(microseconds=2**63 // 1000)
+
+
 @router.get(
     "/ps",
     responses={
-        **_ok("The models loaded now (on other backends: those it serves, which stay loaded).",
-              {"models": [{**_TAG_EXAMPLE, "size_vram": 0}]}),
+        **_ok("The models loaded now. Other backends keep what they serve loaded: `expires_at` is far in the "
+              "future, as Ollama shows a model kept with keep_alive -1; `size_vram` is 0 (MiniVault does not know "
+              "an OpenAI-compatible server's), `context_length` the embedded engine's per-request context.",
+              {"models": [_PS_EXAMPLE]}),
         **_errors(502, 503, 504),
     },
 )  # fmt: skip
 async def ps(request: Request) -> Response:
-    """The models in memory."""
+    """The models in memory, with Ollama's fields (Open WebUI shows a model as loaded by its `expires_at`)."""
     backend: Backend = request.app.state.backend
     if isinstance(backend, SupportsForward):
         return await _forwarded(backend, request)
+    if isinstance(backend, HostPool):
+        running = await backend.running()
+        if running is not None:  # Ollama hosts: what their own /api/ps says
+            return OrjsonResponse({"models": running})
     found = await backend.list_models()
-    return OrjsonResponse({"models": [{**ollama.tag(m), "size_vram": 0} for m in found]})
+    context = request.app.state.settings.embedded_context if backend.name == "embedded" else None
+    expires = (datetime.now(UTC) + _FOREVER).isoformat(timespec="seconds").replace("+00:00", "Z")
+    models = []
+    for info in found:
+        entry = ollama.tag(info)
+        del entry["modified_at"]  # not one of /api/ps's fields
+        models.append({**entry, "expires_at": expires, "size_vram": 0, "context_length": context})
+    return OrjsonResponse({"models": models})
 
 
 _VERSION = _ok("Ollama's version, or the one whose API MiniVault answers.", {"version": ollama.OLLAMA_API_VERSION})
