@@ -223,13 +223,10 @@ def test_a_wrong_key_is_refused_and_the_right_one_is_logged(tmp_path: Path) -> N
         assert line["status"] == "ok"
 
 
-TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
-
-
 @pytest.mark.parametrize(
     ("param", "value"),
-    [("n", 2), ("tools", [TOOL]), ("response_format", {"type": "json_object"})],
-    ids=["n", "tools", "response_format"],
+    [("n", 2), ("logprobs", True), ("functions", [{"name": "weather", "parameters": {"type": "object"}}])],
+    ids=["n", "logprobs", "functions"],
 )
 def test_features_that_cannot_be_honoured_are_refused_by_name(
     fake: Gateway, fake_client: openai.OpenAI, param: str, value: Any

@@ -1,14 +1,25 @@
 """Any OpenAI-compatible server (llama.cpp's llama-server, vLLM, LM Studio, LocalAI, Ollama's /v1).
 
-`POST /v1/chat/completions` with `stream: true`, read as Server-Sent Events.
+`POST /v1/chat/completions` with `stream: true`, read as Server-Sent Events: text, `reasoning_content`
+(or vLLM's `reasoning`) as thinking, and `tool_calls` deltas. Fill-in-the-middle goes to llama.cpp's
+`/infill`, else to `/v1/completions` with `suffix` (Ollama's /v1 takes it); a raw prompt to `/v1/completions`.
 """
 
-from collections.abc import AsyncGenerator
+import base64
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import orjson
 
 from app.backends.base import (
+    COMPLETION,
+    INSERT,
+    THINKING,
+    TOOLS,
+    VISION,
     BackendStatus,
     ChatInput,
     Completion,
@@ -19,9 +30,17 @@ from app.backends.base import (
     get_json,
     load_json_object,
     sse_data,
+    transport_error,
 )
-from app.errors import BackendError, BackendUnavailable, MiniVaultError, ModelNotFound
-from app.vocabulary import Event
+from app.errors import (
+    BackendError,
+    BackendUnavailable,
+    InvalidRequest,
+    MiniVaultError,
+    MissingCapability,
+    ModelNotFound,
+)
+from app.vocabulary import Event, Message, ThinkingDelta, ToolCallDelta
 
 # Ollama option -> request field. OpenAI's own, then the sampling extensions llama.cpp and vLLM accept.
 _OPTION_FIELDS = {
@@ -38,6 +57,20 @@ _OPTION_FIELDS = {
     "repeat_penalty": "repeat_penalty",
     "repeat_last_n": "repeat_last_n",
 }
+# llama.cpp's native names, for /infill (its own endpoint, not the OpenAI-compatible one).
+_INFILL_FIELDS = {**_OPTION_FIELDS, "num_predict": "n_predict"}
+# A general server decides for itself what a model can do (its own 400 says no).
+GENERAL_CAPABILITIES = frozenset({COMPLETION, TOOLS, VISION, THINKING, INSERT})
+# Where fill-in-the-middle is tried, in order: llama.cpp's endpoint, then OpenAI's `suffix` (vLLM, Ollama's /v1).
+_INFILL, _COMPLETIONS = "/infill", "/v1/completions"
+
+
+class _NoRoute(Exception):
+    """The server has no such endpoint (404), or has it without support for this model (501)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(status, text)
+        self.status, self.text = status, text
 
 
 class OpenAICompatBackend(HttpBackend):
@@ -46,17 +79,41 @@ class OpenAICompatBackend(HttpBackend):
     _credentials_hint = "; set OPENAI_API_KEY to a key it accepts"
 
     def __init__(
-        self, client: httpx.AsyncClient, url: str, default_model: str, *, name: str = "openai", upstream: Upstream
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        default_model: str,
+        *,
+        name: str = "openai",
+        upstream: Upstream,
+        capabilities: frozenset[str] = GENERAL_CAPABILITIES,
     ) -> None:
         super().__init__(client, url, default_model, upstream)
         self.name = name
+        self._capabilities = capabilities
+        # The fill-in-the-middle endpoint that answered last (None: not tried yet).
+        self._infill_path: str | None = None
+
+    async def capabilities(self, model: str) -> frozenset[str]:
+        """What the server is asked to do for any model; it refuses what a model cannot (and that 400 passes on)."""
+        return self._capabilities
 
     async def stream(self, chat: ChatInput, completion: Completion) -> AsyncGenerator[Event, None]:
-        """Yield content deltas as they arrive; closing the iterator closes the upstream request."""
+        """Yield the answer's events as they arrive; closing the iterator closes the upstream request."""
         self.check_model(chat.model)
         if chat.options:
             # Ollama's load-time options (num_ctx, num_gpu, ...) are the server's own settings here: accepted, named.
             completion.ignored_options = ignored_options(chat.options)
+        if chat.suffix or chat.raw:
+            if any(m.images for m in chat.messages):
+                raise InvalidRequest(
+                    f"images cannot go with {'suffix' if chat.suffix else 'raw'} to {self._upstream.label}: a prompt "
+                    "sent as it is has no place for them; send them in a chat"
+                )
+            async with self._prompt_stream(chat) as (response, path):
+                async for piece in self._read_prompt_answer(response, path, completion):
+                    yield piece
+            return
         label = self._upstream.label
         finished = ended = False
         async with self._post_stream("/v1/chat/completions", self._payload(chat), chat.model) as response:
@@ -74,11 +131,23 @@ class OpenAICompatBackend(HttpBackend):
                     if "error" in event:
                         raise BackendError(f"{label}: {_message(event['error'])}")
                     for choice in event.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content")
+                        if text and len(delta) == 1:  # text alone: the per-token case, with nothing else to read
                             yield text
-                        if choice.get("finish_reason"):
-                            completion.done_reason = choice["finish_reason"]
+                        elif delta:
+                            # vLLM's newer servers call it `reasoning`; llama.cpp and DeepSeek `reasoning_content`.
+                            thinking = delta.get("reasoning_content") or delta.get("reasoning")
+                            if thinking:
+                                yield ThinkingDelta(thinking)
+                            if text:
+                                yield text
+                            for call in delta.get("tool_calls") or ():
+                                yield tool_call_delta(call, label)
+                        reason = choice.get("finish_reason")
+                        if reason:
+                            # The dialects tell tool calls by the calls made; the reason stays Ollama's word.
+                            completion.done_reason = "stop" if reason == "tool_calls" else reason
                             finished = True
                     if usage := event.get("usage"):
                         completion.prompt_tokens = usage.get("prompt_tokens")
@@ -90,18 +159,159 @@ class OpenAICompatBackend(HttpBackend):
         """Refuse a model before calling the server; a general server decides for itself."""
 
     def _payload(self, chat: ChatInput) -> dict[str, Any]:
+        """The `/v1/chat/completions` body for `chat`: messages, sampling fields, and what the answer may hold."""
+        if chat.plain:
+            messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        else:
+            messages = openai_messages(chat.messages)
         payload: dict[str, Any] = {
             "model": chat.model,
-            "messages": [{"role": m.role, "content": m.content} for m in chat.messages],
+            "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        for option, value in (chat.options or {}).items():
-            name = _OPTION_FIELDS.get(option)
-            if name is None or (option == "num_predict" and value < 0):
-                continue  # load-time (ignored_options names them); num_predict -1/-2 is the server's default
-            payload[name] = value
+        _add_options(payload, chat.options, _OPTION_FIELDS)
+        if chat.plain:
+            return payload
+        if chat.tools:
+            payload["tools"] = [
+                {"type": "function", "function": {"name": tool.name, "parameters": tool.parameters}
+                 | ({"description": tool.description} if tool.description is not None else {})}
+                for tool in chat.tools
+            ]  # fmt: skip
+        choice = chat.tool_choice
+        if choice is not None and chat.tools:
+            payload["tool_choice"] = (
+                {"type": "function", "function": {"name": choice.name}} if choice.mode == "function" else choice.mode
+            )
+        if chat.parallel_tool_calls is not None:
+            payload["parallel_tool_calls"] = chat.parallel_tool_calls
+        answer_format = chat.format
+        if answer_format is not None:
+            if answer_format.schema is None:
+                payload["response_format"] = {"type": "json_object"}
+            else:
+                spec: dict[str, Any] = {"name": answer_format.name or "answer", "schema": answer_format.schema}
+                if answer_format.strict is not None:
+                    spec["strict"] = answer_format.strict
+                payload["response_format"] = {"type": "json_schema", "json_schema": spec}
+        if chat.think:  # False and None: the server's default (OpenAI's API has no "off")
+            payload["reasoning_effort"] = "medium" if chat.think is True else chat.think
         return payload
+
+    # --- a prompt without the chat template: fill-in-the-middle, or raw ------------------------------------
+
+    @asynccontextmanager
+    async def _prompt_stream(self, chat: ChatInput) -> AsyncIterator[tuple[httpx.Response, str]]:
+        """The streaming response to a prompt sent as it is, and the path that answered it.
+
+        A suffix goes to the fill-in-the-middle endpoint that answered before, else each in turn; when the
+        server has none, a 400 says so (never an answer that ignored the suffix).
+        """
+        if not chat.suffix:
+            async with self._post_stream(_COMPLETIONS, self._completion_payload(chat), chat.model) as response:
+                yield response, _COMPLETIONS
+            return
+        paths = (self._infill_path,) if self._infill_path else (_INFILL, _COMPLETIONS)
+        refusals: list[tuple[str, int, str]] = []
+        for path in paths:
+            payload = self._infill_payload(chat) if path == _INFILL else self._completion_payload(chat)
+            try:
+                async with self._post_absent(path, payload, chat.model) as response:
+                    self._infill_path = path
+                    yield response, path
+                    return
+            except _NoRoute as absent:
+                refusals.append((path, absent.status, absent.text))
+                if absent.status == 501:
+                    break  # llama.cpp has /infill, but this model has no fill-in-the-middle tokens
+        self._infill_path = None
+        if all(status == 404 for _, status, _ in refusals) and not await self._serves(chat.model):
+            raise await self._missing_model(chat.model)
+        answers = "; ".join(f"{path} answered {status}: {text}" for path, status, text in refusals)
+        raise MissingCapability(
+            f"{self._upstream.label} at {self.url} has no fill-in-the-middle for model '{chat.model}' ({answers}); "
+            "send the prompt without `suffix`, or serve a model with FIM tokens (a code model such as "
+            "Qwen2.5-Coder) with llama.cpp's llama-server"
+        )
+
+    @asynccontextmanager
+    async def _post_absent(self, path: str, payload: dict[str, Any], model: str) -> AsyncIterator[httpx.Response]:
+        """Like _post_stream, but a 404 or 501 raises _NoRoute, so the caller can try elsewhere."""
+        try:
+            async with self._client.stream("POST", path, content=orjson.dumps(payload), headers=self._JSON) as response:
+                if response.status_code in (404, 501):
+                    await response.aread()
+                    raise _NoRoute(response.status_code, _short(response))
+                if response.status_code != 200:
+                    raise await self._status_error(response, model)
+                yield response
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._upstream, self._client.timeout) from exc
+
+    async def _serves(self, model: str) -> bool:
+        """Whether `/v1/models` lists `model` (True when it cannot be read: the 404 is then not the model's)."""
+        try:
+            return model in {info.name for info in await self.list_models()}
+        except MiniVaultError:
+            return True
+
+    def _completion_payload(self, chat: ChatInput) -> dict[str, Any]:
+        """`/v1/completions`: the prompt as it is (no chat template), with the suffix when there is one."""
+        payload: dict[str, Any] = {
+            "model": chat.model, "prompt": chat.prompt, "stream": True, "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        if chat.suffix:
+            payload["suffix"] = chat.suffix
+        _add_options(payload, chat.options, _OPTION_FIELDS)
+        return payload
+
+    def _infill_payload(self, chat: ChatInput) -> dict[str, Any]:
+        """llama.cpp's `/infill`: the text before and after the gap, and its own sampling names."""
+        payload: dict[str, Any] = {
+            "model": chat.model, "input_prefix": chat.prompt, "input_suffix": chat.suffix, "stream": True,
+        }  # fmt: skip
+        _add_options(payload, chat.options, _INFILL_FIELDS)
+        return payload
+
+    async def _read_prompt_answer(
+        self, response: httpx.Response, path: str, completion: Completion
+    ) -> AsyncGenerator[str, None]:
+        """The text of a `/v1/completions` stream (`choices[].text`) or an `/infill` one (`content`, `stop`)."""
+        label = self._upstream.label
+        finished = ended = False
+        splitter = LineSplitter()
+        async for chunk in response.aiter_raw():
+            for line in splitter.feed(chunk):
+                data = sse_data(line)
+                if data is None or ended:
+                    continue
+                if data == b"[DONE]":
+                    ended = True
+                    continue
+                event = load_json_object(data, label)
+                if "error" in event:
+                    raise BackendError(f"{label}: {_message(event['error'])}")
+                if path == _INFILL:
+                    if text := event.get("content"):
+                        yield text
+                    if event.get("stop"):
+                        completion.done_reason = "length" if event.get("stop_type") == "limit" else "stop"
+                        completion.prompt_tokens = event.get("tokens_evaluated")
+                        completion.completion_tokens = event.get("tokens_predicted")
+                        finished = True
+                    continue
+                for choice in event.get("choices") or ():
+                    if text := choice.get("text"):
+                        yield text
+                    if reason := choice.get("finish_reason"):
+                        completion.done_reason = reason
+                        finished = True
+                if usage := event.get("usage"):
+                    completion.prompt_tokens = usage.get("prompt_tokens")
+                    completion.completion_tokens = usage.get("completion_tokens")
+        if not (finished or ended):
+            raise BackendError(f"{label} closed the stream before it finished; the answer is incomplete")
 
     async def warm(self, model: str) -> None:
         """Nothing to do: an OpenAI-compatible server loads its model itself."""
@@ -110,7 +320,7 @@ class OpenAICompatBackend(HttpBackend):
         """The models the server lists at `/v1/models`."""
         listing = await get_json(self._client, "/v1/models", self._upstream)
         return [
-            ModelInfo(name=item.get("id", ""), details={"owned_by": item.get("owned_by")})
+            ModelInfo(name=item.get("id", ""), modified_at=_created(item), details={"owned_by": item.get("owned_by")})
             for item in listing.get("data", [])
         ]
 
@@ -119,7 +329,9 @@ class OpenAICompatBackend(HttpBackend):
         try:
             response = await self._client.get("/v1/models", timeout=seconds)
             response.raise_for_status()
-            models = [ModelInfo(str(item.get("id"))) for item in response.json().get("data", [])]
+            models = [
+                ModelInfo(str(item.get("id")), modified_at=_created(item)) for item in response.json().get("data", [])
+            ]
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             raise BackendUnavailable(
                 f"{self._upstream.label} at {self.url} does not answer its checks ({type(exc).__name__})"
@@ -148,10 +360,89 @@ class OpenAICompatBackend(HttpBackend):
         )
 
 
+def openai_messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
+    """Messages in OpenAI's format: images as data: URL parts, tool calls with their arguments as they came,
+    tool results with the id of the call they answer."""
+    out: list[dict[str, Any]] = []
+    # Ollama's dialect names a result's tool, not its call (and its clients drop call ids): a result without an id
+    # answers the oldest unanswered call of its tool, and a call without an id gets one from its place.
+    unanswered: dict[str, list[str]] = {}
+    for position, message in enumerate(messages):
+        entry: dict[str, Any] = {"role": message.role, "content": message.content}
+        if message.images:
+            parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}] if message.content else []
+            parts += [
+                {"type": "image_url", "image_url": {
+                    "url": f"data:{image.media_type};base64,{base64.b64encode(image.data).decode('ascii')}"}}
+                for image in message.images
+            ]  # fmt: skip
+            entry["content"] = parts
+        if message.tool_calls:
+            calls = []
+            for index, call in enumerate(message.tool_calls):
+                call_id = call.id or f"call_{position}_{index}"
+                unanswered.setdefault(call.name, []).append(call_id)
+                calls.append({"id": call_id, "type": "function",
+                              "function": {"name": call.name, "arguments": call.arguments}})  # fmt: skip
+            entry["content"] = message.content or None
+            entry["tool_calls"] = calls
+        if message.role == "tool":
+            waiting = unanswered.get(message.tool_name or "")
+            answered = message.tool_call_id or (waiting[0] if waiting else None)
+            if answered is not None:
+                entry["tool_call_id"] = answered
+                for ids in unanswered.values():
+                    if answered in ids:
+                        ids.remove(answered)
+        out.append(entry)
+    return out
+
+
+def tool_call_delta(call: Any, label: str) -> ToolCallDelta:
+    """One entry of a streamed `delta.tool_calls`: its index, and on its first chunk its id and name."""
+    if not isinstance(call, dict):
+        raise BackendError(f"{label} sent a tool call that is not an object: {str(call)[:200]}")
+    function = call.get("function") or {}
+    return ToolCallDelta(
+        call.get("index") or 0, call.get("id") or None, function.get("name") or None, function.get("arguments") or ""
+    )
+
+
+def _add_options(payload: dict[str, Any], options: dict[str, Any] | None, fields: dict[str, str]) -> None:
+    for option, value in (options or {}).items():
+        name = fields.get(option)
+        if name is None or (option == "num_predict" and value < 0):
+            continue  # load-time (ignored_options names them); num_predict -1/-2 is the server's default
+        payload[name] = value
+    if "repeat_penalty" in payload:
+        payload["repetition_penalty"] = payload["repeat_penalty"]  # vLLM's name for it; each ignores the other's
+
+
 def ignored_options(options: dict[str, Any]) -> tuple[str, ...]:
     """The options an OpenAI-compatible server cannot take per request, sorted."""
     return tuple(sorted(option for option in options if option not in _OPTION_FIELDS))
 
 
+def _short(response: httpx.Response) -> str:
+    text = response.text.strip()
+    try:
+        body = response.json()
+    except ValueError:
+        return text[:200] or response.reason_phrase
+    error = body.get("error") if isinstance(body, dict) else None
+    return _message(error)[:200] if error is not None else text[:200]
+
+
 def _message(error: object) -> str:
     return str(error.get("message", error)) if isinstance(error, dict) else str(error)
+
+
+def _created(item: dict[str, Any]) -> str | None:
+    """`/v1/models`' `created` (Unix seconds) in RFC 3339, as Ollama writes `modified_at`; None when absent."""
+    created = item.get("created")
+    if type(created) is not int or created <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return None

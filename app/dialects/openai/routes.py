@@ -5,6 +5,7 @@ Auth, limits, timeouts, the log (`endpoint: "openai"`) and the history apply as 
 errors take OpenAI's shape (`wire.error_body`, registered with the app as DIALECT).
 """
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -70,36 +71,53 @@ def _body(schema: str) -> dict[str, Any]:
     }
 
 
+def _chat_answer(message: dict[str, Any], finish: str, usage: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-5f0c3f7e", "object": "chat.completion", "created": 1764452456, "model": "tinyllama:1.1b-chat",
+        "choices": [{"index": 0, "message": {"role": "assistant", "refusal": None, **message}, "logprobs": None,
+                     "finish_reason": finish}],
+        "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
+        "system_fingerprint": None,
+    }  # fmt: skip
+
+
+_CHAT_ANSWERS = {
+    "text": {"summary": "An answer", "value": _chat_answer(
+        {"content": "Sunlight scatters off air molecules."}, "stop", (24, 8))},
+    "tool_calls": {"summary": "A tool call (`tools` offered): arguments as the model wrote them", "value": _chat_answer(
+        {"content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]}, "tool_calls", (80, 12))},
+    "reasoning": {"summary": "With `reasoning_effort`: the thinking as `reasoning_content`", "value": _chat_answer(
+        {"content": "No: 91 is 7 times 13.", "reasoning_content": "91 / 7 = 13, so it has a factor."},
+        "stop", (16, 30))},
+}  # fmt: skip
+_TOOL_CALL_STREAM = (
+    'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant",'
+    '"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]},'
+    '"finish_reason":null}]}\n\n'
+    'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"tool_calls":'
+    '[{"index":0,"function":{"arguments":"{\\"city\\": \\"Paris\\"}"}}]},"finish_reason":null}]}\n\n'
+    'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},'
+    '"finish_reason":"tool_calls"}]}\n\ndata: [DONE]\n\n'
+)
+
+
 @router.post(
     "/chat/completions",
     responses={
         200: {
             "description": "A `chat.completion`, or with `stream: true` `chat.completion.chunk` events ending "
-            "with `data: [DONE]`.",
+            "with `data: [DONE]` (thinking as `delta.reasoning_content`, tool calls as `delta.tool_calls`: the id "
+            'and name first, then fragments of the arguments, and `finish_reason: "tool_calls"`).',
             "content": {
-                "application/json": {
-                    "example": {
-                        "id": "chatcmpl-5f0c3f7e",
-                        "object": "chat.completion",
-                        "created": 1764452456,
-                        "model": "tinyllama:1.1b-chat",
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {
-                                    "role": "assistant",
-                                    "content": "Sunlight scatters off air molecules.",
-                                    "refusal": None,
-                                },
-                                "logprobs": None,
-                                "finish_reason": "stop",
-                            }
-                        ],
-                        "usage": {"prompt_tokens": 24, "completion_tokens": 8, "total_tokens": 32},
-                        "system_fingerprint": None,
-                    }
-                },  # fmt: skip
-                **_STREAM,
+                "application/json": {"examples": _CHAT_ANSWERS},
+                "text/event-stream": {
+                    "schema": _STREAM["text/event-stream"]["schema"],
+                    "examples": {
+                        "text": {"summary": "An answer", "value": _STREAM["text/event-stream"]["example"]},
+                        "tool_calls": {"summary": "A tool call", "value": _TOOL_CALL_STREAM},
+                    },
+                },
             },
         },
         **_GENERATION_ERRORS,
@@ -115,7 +133,8 @@ async def chat_completions(request: Request) -> Response:
     "/completions",
     responses={
         200: {
-            "description": "A `text_completion`, or with `stream: true` its chunks ending with `data: [DONE]`.",
+            "description": "A `text_completion`, or with `stream: true` its chunks ending with `data: [DONE]`; "
+            "with `suffix`, the text that goes between the prompt and the suffix.",
             "content": {
                 "application/json": {
                     "example": {
@@ -137,7 +156,8 @@ async def chat_completions(request: Request) -> Response:
     openapi_extra=_body("CompletionRequest"),
 )
 async def completions(request: Request) -> Response:
-    """OpenAI's legacy text completions: one prompt, through the model's chat template like Ollama's /v1."""
+    """OpenAI's legacy text completions: one prompt, through the model's chat template like Ollama's /v1; with
+    `suffix`, fill-in-the-middle (the model must support insert)."""
     return await _complete(request, openai.parse_completion_request, openai.text_completion, chat=False)
 
 
@@ -156,11 +176,18 @@ async def _complete(
     )  # fmt: skip
 
 
-def _model(info: ModelInfo, backend: Backend) -> dict[str, Any]:
-    return {"id": info.name, "object": "model", "created": openai.timestamp(info.modified_at), "owned_by": backend.name}
+async def _model(info: ModelInfo, backend: Backend) -> dict[str, Any]:
+    """One model as OpenAI lists it, with what MiniVault accepts for it (Ollama's capability names)."""
+    return {
+        "id": info.name, "object": "model", "created": openai.timestamp(info.modified_at), "owned_by": backend.name,
+        "capabilities": sorted(await backend.capabilities(info.name)),
+    }  # fmt: skip
 
 
-_MODEL_EXAMPLE = {"id": "tinyllama:1.1b-chat", "object": "model", "created": 1764452456, "owned_by": "ollama"}
+_MODEL_EXAMPLE = {
+    "id": "tinyllama:1.1b-chat", "object": "model", "created": 1764452456, "owned_by": "ollama",
+    "capabilities": ["completion", "tools"],
+}  # fmt: skip
 
 
 @router.get(
@@ -172,10 +199,10 @@ _MODEL_EXAMPLE = {"id": "tinyllama:1.1b-chat", "object": "model", "created": 176
     },
 )  # fmt: skip
 async def list_models(request: Request) -> OrjsonResponse:
-    """The models the backend has, as OpenAI lists them."""
+    """The models the backend has, as OpenAI lists them, each with its `capabilities`."""
     backend: Backend = request.app.state.backend
     found = await backend.list_models()
-    return OrjsonResponse({"object": "list", "data": [_model(m, backend) for m in found]})
+    return OrjsonResponse({"object": "list", "data": await asyncio.gather(*(_model(m, backend) for m in found))})
 
 
 @router.get(
@@ -191,7 +218,7 @@ async def get_model(model_id: str, request: Request) -> OrjsonResponse:
     found = await backend.list_models()
     for info in found:
         if info.name == model_id:
-            return OrjsonResponse(_model(info, backend))
+            return OrjsonResponse(await _model(info, backend))
     names = ", ".join(m.name for m in found) or "none"
     error = ModelNotFound(f"The model '{model_id}' does not exist here (the backend has: {names})")
     error.param = "model"
