@@ -75,6 +75,7 @@ def test_models_lists_names_and_sizes(minivault: RunningServer) -> None:
         "size": 1000,
         "modified_at": "2026-01-01T00:00:00Z",
         "details": {"family": "fake"},
+        "capabilities": ["completion", "tools"],
     }
     assert "llama3:latest" in [model["name"] for model in body["models"]]
 

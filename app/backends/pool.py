@@ -6,6 +6,9 @@ the model is loaded, then the least busy (`MINIVAULT_ROUTING=random` and `round_
 measured against). A host that fails to connect or answers an error before the first token is
 cooled down for `MINIVAULT_HOST_COOLDOWN_SECONDS` and the prompt goes to the next host; once a
 token has been sent, nothing is retried. Core and routes never learn how many hosts there are.
+
+A prompt that needs more than text (tools, images, thinking, a suffix) goes only to hosts whose model
+has those capabilities; each host's answer is kept per model and asked again with its inventory checks.
 """
 
 import asyncio
@@ -16,10 +19,18 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
-from app.backends.base import BackendStatus, ChatInput, Completion, ModelInfo
-from app.backends.ollama import model_in
+from app.backends.base import (
+    BackendStatus,
+    ChatInput,
+    Completion,
+    ModelInfo,
+    SupportsForward,
+    check_capabilities,
+    required_capabilities,
+)
+from app.backends.ollama import OllamaBackend, model_in
 from app.errors import (
     BackendError,
     BackendTimeout,
@@ -83,6 +94,9 @@ class Host:
     loaded: set[str] = field(default_factory=set)
     in_flight: int = 0
     cooldown_until: float = 0.0
+    # What each model asked about can do here (its backend's capabilities), and the questions under way.
+    capabilities: dict[str, frozenset[str]] = field(default_factory=dict)
+    asking: dict[str, "asyncio.Future[frozenset[str]]"] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -167,11 +181,19 @@ class HostPool:
             if host.healthy or not host.checked:
                 logger.warning("upstream host %s is down: %s", host.url, exc.message)
             host.healthy, host.checked, host.reason = False, True, exc.message
+            host.capabilities.clear()  # it may come back with other models under the same names
             return
         if not host.healthy and host.checked:
             logger.info("upstream host %s is back: %d models", host.url, len(models))
         host.healthy, host.checked, host.reason = True, True, None
         host.models, host.names, host.loaded = models, {m.name for m in models}, loaded
+        await self._refresh_capabilities(host)
+
+    async def _refresh_capabilities(self, host: Host) -> None:
+        """Ask again what the models asked about can do (a model re-pulled may have changed); forget the gone."""
+        known = [model for model in host.capabilities if host.has(model)]
+        host.capabilities = {}
+        await asyncio.gather(*(self._capabilities_of(host, model) for model in known), return_exceptions=True)
 
     def _cool(self, host: Host, error: MiniVaultError, started: bool) -> None:
         host.cooldown_until = self._clock() + self._cooldown_seconds
@@ -184,12 +206,14 @@ class HostPool:
 
     # --- routing --------------------------------------------------------------------------------
 
-    def pick(self, model: str, tried: list[Host]) -> Host:
-        """The host for the next attempt at `model`; raises when no host can take it."""
+    def pick(self, model: str, tried: list[Host], able: list[Host] | None = None) -> Host:
+        """The host for the next attempt at `model` (among `able`, when the prompt needs capabilities)."""
         now = self._clock()
         candidates = [host for host in self.hosts if host not in tried and host.usable(now) and host.has(model)]
+        if able is not None:
+            candidates = [host for host in candidates if host in able]
         if not candidates:
-            raise self._nobody(model, tried, now)
+            raise self._nobody(model, tried, now, able)
         if self._routing == "random":
             return random.choice(candidates)
         if self._routing == "round_robin":
@@ -205,16 +229,19 @@ class HostPool:
                            (self.hosts.index(h) - turn) % len(self.hosts)),
         )  # fmt: skip
 
-    def _nobody(self, model: str, tried: list[Host], now: float) -> MiniVaultError:
+    def _nobody(self, model: str, tried: list[Host], now: float, able: list[Host] | None = None) -> MiniVaultError:
         """Why no host can take `model`: 404 when no host has it, 503 naming the hosts that have it and why."""
         healthy = [host for host in self.hosts if host.healthy]
         if not healthy:
             where = ", ".join(f"{h.url} ({h.reason or 'down'})" for h in self.hosts)
             return BackendUnavailable(f"no upstream host is healthy: {where}")
         holders = [host for host in healthy if host.has(model) or host in tried]
+        if able is not None:
+            holders = [host for host in holders if host in able]
         if holders:
             where = ", ".join(f"{h.url} ({_why(h, now)})" for h in holders)
-            return BackendUnavailable(f"every upstream host that has '{model}' failed or is cooling down: {where}")
+            which = "that has" if able is None else "able to answer this prompt with"
+            return BackendUnavailable(f"every upstream host {which} '{model}' failed or is cooling down: {where}")
         fleet = sorted({name for host in healthy for name in host.names})
         return ModelNotFound(
             f"model '{model}' is on no healthy upstream host (the fleet has: {', '.join(fleet) or 'none'}); "
@@ -225,9 +252,11 @@ class HostPool:
         """Yield the answer from the chosen host; before the first token, a failing host hands over to the next."""
         tried: list[Host] = []
         missing: ModelNotFound | None = None
+        # Plain text asks nothing of a host beyond the model: no capability is looked up.
+        able = None if chat.plain else await self._able(chat)
         while True:
             try:
-                host = self.pick(chat.model, tried)
+                host = self.pick(chat.model, tried, able)
             except MiniVaultError:
                 if missing is not None and not any(h.has(chat.model) for h in self.hosts):
                     raise missing from None  # the hosts said 404 themselves: their message says what they have
@@ -269,6 +298,66 @@ class HostPool:
                 if self._observer is not None:
                     self._observer.host_request(host.url, outcome)
 
+    async def _able(self, chat: ChatInput) -> list[Host] | None:
+        """The healthy hosts whose model has what `chat` needs (None: it needs nothing); a 400 naming what is
+        missing when no host's has it, or a 503 when the hosts that might could not say."""
+        needs = required_capabilities(chat)
+        if not needs:
+            return None
+        model = chat.model
+        holders = [host for host in self.hosts if host.healthy and host.has(model)]
+        if not holders:
+            return None  # pick() says why: no host has the model, or none is healthy
+        answers = await asyncio.gather(*(self._capabilities_of(host, model) for host in holders),
+                                       return_exceptions=True)  # fmt: skip
+        able: list[Host] = []
+        fewest_missing: frozenset[str] | None = None
+        unknown: list[str] = []
+        for host, answer in zip(holders, answers, strict=True):
+            if isinstance(answer, MiniVaultError):
+                unknown.append(f"{host.url} ({answer.message})")
+            elif isinstance(answer, BaseException):
+                raise answer
+            elif needs <= answer:
+                able.append(host)
+            elif fewest_missing is None or len(needs - answer) < len(needs - fewest_missing):
+                fewest_missing = answer
+        if able:
+            return able
+        if unknown:
+            raise BackendUnavailable(
+                f"no upstream host whose '{model}' could be asked says it can answer this prompt; asking failed on "
+                f"{', '.join(unknown)}"
+            )
+        assert fewest_missing is not None
+        check_capabilities(chat, fewest_missing)  # raises, naming what the best-equipped host lacks
+        raise AssertionError("unreachable: no host is able, so some capability is missing")
+
+    async def _capabilities_of(self, host: Host, model: str) -> frozenset[str]:
+        """What `model` can do on `host`: kept from an earlier answer, else asked once however many prompts wait."""
+        known = host.capabilities.get(model)
+        if known is not None:
+            return known
+        pending = host.asking.get(model)
+        if pending is None:
+            pending = asyncio.ensure_future(self._ask(host, model))
+            host.asking[model] = pending
+            pending.add_done_callback(lambda _: host.asking.pop(model, None))
+        # Shielded: a prompt cancelled while it waits must not cancel the question the others wait on.
+        return await asyncio.shield(pending)
+
+    async def _ask(self, host: Host, model: str) -> frozenset[str]:
+        seconds = min(self._check_seconds, 5.0)
+        try:
+            answer = await asyncio.wait_for(host.backend.capabilities(model), seconds)
+        except TimeoutError:
+            raise BackendTimeout(f"{host.url} did not say within {seconds:g} s what '{model}' can do") from None
+        except MiniVaultError as exc:
+            logger.warning("upstream host %s could not say what %s can do: %s", host.url, model, exc.message)
+            raise
+        host.capabilities[model] = answer
+        return answer
+
     def _report_in_flight(self, host: Host) -> None:
         if self._observer is not None:
             self._observer.host_in_flight(host.url, host.in_flight)
@@ -290,15 +379,68 @@ class HostPool:
         return list(merged.values())
 
     async def capabilities(self, model: str) -> frozenset[str]:
-        """What some healthy host that has `model` can do with it (the union: a request goes to one that can)."""
+        """What some healthy host that has `model` can do with it (the union: a request goes to one that can).
+
+        A host that cannot say is left out; when none can, its error is raised.
+        """
+        holders = [host for host in self.hosts if host.healthy and host.has(model)]
+        answers = await asyncio.gather(*(self._capabilities_of(host, model) for host in holders),
+                                       return_exceptions=True)  # fmt: skip
         found: set[str] = set()
-        for host in self.hosts:
-            if host.healthy and host.has(model):
-                found |= await host.backend.capabilities(model)
+        errors: list[MiniVaultError] = []
+        for answer in answers:
+            if isinstance(answer, MiniVaultError):
+                errors.append(answer)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                found |= answer
+        if errors and len(errors) == len(answers):
+            raise errors[0]
         return frozenset(found)
 
-    async def warm(self, model: str) -> None:
-        await self.pick(model, []).backend.warm(model)
+    async def running(self) -> list[dict[str, Any]] | None:
+        """The models the Ollama hosts have loaded, as their own `/api/ps` lists them (once per model: the first
+        host's entry); None when the hosts have no `/api/ps` (OpenAI-compatible servers load what they serve)."""
+        hosts = [host for host in self.hosts if host.healthy and isinstance(host.backend, SupportsForward)]
+        if not hosts:
+            return None
+        answers = await asyncio.gather(*(self._ps(host) for host in hosts), return_exceptions=True)
+        merged: dict[str, dict[str, Any]] = {}
+        for host, answer in zip(hosts, answers, strict=True):
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, MiniVaultError | ValueError):
+                    raise answer
+                logger.warning("upstream host %s did not list its loaded models: %s", host.url, answer)
+                continue
+            for entry in answer:
+                merged.setdefault(str(entry.get("name") or entry.get("model")), entry)
+        return list(merged.values())
+
+    async def _ps(self, host: Host) -> list[dict[str, Any]]:
+        backend = host.backend
+        assert isinstance(backend, SupportsForward)
+        response = await backend.forward("GET", "/api/ps", b"")
+        try:
+            await response.aread()
+            if response.status_code != 200:
+                raise BackendError(f"{host.url} answered {response.status_code} to /api/ps")
+            models = response.json().get("models")
+        finally:
+            await response.aclose()
+        return [entry for entry in models if isinstance(entry, dict)] if isinstance(models, list) else []
+
+    async def warm(self, model: str, keep_alive: str | int | float | None = None) -> None:
+        """Load `model` on the host a request would go to; with a `keep_alive`, pass it to every Ollama host that
+        has the model (so `0` unloads it everywhere, as Open WebUI's Unload means)."""
+        if keep_alive is None:
+            await self.pick(model, []).backend.warm(model)
+            return
+        ollamas = [h for h in self.hosts if h.healthy and h.has(model) and isinstance(h.backend, OllamaBackend)]
+        if not ollamas:
+            await self.pick(model, []).backend.warm(model)
+            return
+        await asyncio.gather(*(cast(OllamaBackend, host.backend).warm(model, keep_alive) for host in ollamas))
 
     async def probe(self, seconds: float) -> BackendStatus:
         """From the background checks: reachable when some host answers, ready when one has the default model."""

@@ -1,4 +1,9 @@
-"""POST /generate: the whole answer as JSON, or Server-Sent Events when `stream` is true."""
+"""POST /generate: the whole answer as JSON, or Server-Sent Events when `stream` is true.
+
+A prompt may ask for a `format`, send `images` and ask for thinking (`think`); the thinking streams as
+`thinking` events before and beside the `token` ones, and the answer carries it whole as `thinking`.
+Tools stay in the chat dialects (/api/chat, /v1/chat/completions).
+"""
 
 from dataclasses import replace
 from typing import Any
@@ -38,9 +43,11 @@ ERRORS[429] = {
     "headers": {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}},
 }
 _SSE_DOC = sse_doc(
-    "With `stream: true`: `queued` (while waiting for a slot), `token`, then `done` or `error` events.",
+    "With `stream: true`: `queued` (while waiting for a slot), `thinking` (pieces of the model's thinking, "
+    "with `think`) and `token` events, then `done` or `error`.",
     {
         "queued": {"type": "object", "required": ["position"], "properties": {"position": {"type": "integer"}}},
+        "thinking": {"type": "object", "required": ["content"], "properties": {"content": {"type": "string"}}},
         "token": {"type": "object", "required": ["content"], "properties": {"content": {"type": "string"}}},
         "done": {"$ref": "#/components/schemas/GenerateResponse"},
         "error": {"$ref": "#/components/schemas/ErrorBody"},
@@ -70,7 +77,7 @@ async def generate(request: Request) -> Response:
     body = b""
     try:
         body = await request.body()
-        generate_request = parse_generate_request(body, settings.max_prompt_chars)
+        generate_request = parse_generate_request(body, settings.max_prompt_chars, settings.max_image_bytes)
     except (InvalidRequest, PayloadTooLarge) as exc:
         # Counted against the key's rate limit like a prompt: over it, the answer is the (cheaper) 429.
         raise await service.refuse(caller, exc, prompt=_prompt_of(body)) from None

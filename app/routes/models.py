@@ -1,5 +1,6 @@
 """GET /models (what the upstream has) and POST /models/pull (download one, progress as SSE)."""
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,7 +21,8 @@ router = APIRouter()
 _MODELS_EXAMPLE = {
     "default": "tinyllama:1.1b-chat",
     "models": [{"name": "tinyllama:1.1b-chat", "size": 637700138, "modified_at": "2026-11-01T10:00:00Z",
-                "details": {"family": "llama", "parameter_size": "1B", "quantization_level": "Q4_0"}}],
+                "details": {"family": "llama", "parameter_size": "1B", "quantization_level": "Q4_0"},
+                "capabilities": ["completion", "tools"]}],
 }  # fmt: skip
 
 
@@ -32,13 +34,22 @@ _MODELS_EXAMPLE = {
     },
 )
 async def models(backend: BackendDep) -> OrjsonResponse:
-    """The models the upstream has, with their sizes in bytes."""
+    """The models the upstream has, with their sizes in bytes and what MiniVault accepts for each (`capabilities`:
+    `completion`, `tools`, `vision`, `thinking`, `insert`, `embedding`)."""
     found = await backend.list_models()
+    capabilities = await asyncio.gather(*(backend.capabilities(m.name) for m in found))
     return OrjsonResponse(
         {
             "default": backend.default_model,
             "models": [
-                {"name": m.name, "size": m.size, "modified_at": m.modified_at, "details": m.details} for m in found
+                {
+                    "name": m.name,
+                    "size": m.size,
+                    "modified_at": m.modified_at,
+                    "details": m.details,
+                    "capabilities": sorted(can),
+                }
+                for m, can in zip(found, capabilities, strict=True)
             ],
         }
     )

@@ -1,4 +1,8 @@
-"""WS /ws/generate: prompts in, `start` / `token` / `done` | `error` frames out, one connection for many prompts."""
+"""WS /ws/generate: prompts in, `start` / `token` / `done` | `error` frames out, one connection for many prompts.
+
+A prompt frame takes what `POST /generate` takes (`format`, `images`, `think` included); with `think` the
+model's thinking streams as `thinking` frames, and the `done` frame carries it whole.
+"""
 
 import asyncio
 import logging
@@ -30,7 +34,8 @@ WS_DOC = """
 ### WS /ws/generate
 
 One connection, many prompts, one at a time. Send a prompt frame, receive `start`, `queued` (while
-waiting for a slot), `token` frames, then `done` (the same body as `POST /generate`) or `error`.
+waiting for a slot), `thinking` (with `think`) and `token` frames, then `done` (the same body as
+`POST /generate`) or `error`.
 Send `{"type": "cancel"}` to stop the answer. With API keys, pass `?api_key=KEY` (browsers cannot
 set websocket headers) or either header.
 
@@ -40,6 +45,11 @@ set websocket headers) or either header.
 < {"type": "token", "content": "Sunlight"}
 < {"type": "token", "content": " scatters"}
 < {"type": "done", "response": "Sunlight scatters ...", "id": "5f0c...", "done_reason": "stop", ...}
+> {"prompt": "Is 97 prime?", "model": "qwen3:0.6b", "think": true}
+< {"type": "start", "id": "0b6e...", "model": "qwen3:0.6b"}
+< {"type": "thinking", "content": "97 is not divisible by 2, 3, 5 or 7"}
+< {"type": "token", "content": "Yes"}
+< {"type": "done", "response": "Yes, 97 is prime.", "thinking": "97 is not divisible by 2, 3, 5 or 7 ...", ...}
 ```
 
 The OpenAI-compatible API is under `/v1`, the Ollama-compatible one under `/api`; the chat page is at `/`.
@@ -58,6 +68,7 @@ class _Session:
         self.websocket = websocket
         self.service: GenerationService = state.service
         self.max_prompt_chars: int = state.settings.max_prompt_chars
+        self.max_image_bytes: int = state.settings.max_image_bytes
         self.max_bytes: int = state.settings.max_body_bytes
         # Who is asking, for every prompt on this connection; each prompt gets its own request id.
         self.caller = caller_of(websocket, "ws")
@@ -122,7 +133,7 @@ class _Session:
             await self.reject(request_id, InvalidRequest(_BUSY), payload)
             return
         try:
-            request = parse_generate_request(payload, self.max_prompt_chars)
+            request = parse_generate_request(payload, self.max_prompt_chars, self.max_image_bytes)
         except InvalidRequest as exc:
             await self.reject(request_id, exc, payload)
             return
