@@ -84,7 +84,10 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert sum(figures[f"fleet_{strategy}_served_pct"]) == pytest.approx(100)
     assert figures["fleet_round_robin_served_pct"] == [25, 25, 25, 25]
     table = (tmp_path / "latest.md").read_text()
-    assert table.count("\n| ") == 37  # the header row and one row per measure
+    assert table.count("\n| ") == 42  # the header row and one row per measure
+    assert figures["vocab_rev"] == "9e87914" and figures["vocab_errors"] == 0
+    assert figures["openai_tool_call_relay_us_per_chunk"] > 0 and figures["openai_text_relay_us_per_chunk"] > 0
+    assert "| Relay CPU per chunk of a streamed tool call (OpenAI-compatible upstream, /v1 streamed) |" in table
     assert "| Requests/s, concurrency 16 |" in result.stdout
     assert "| Issue 15 on: added latency, concurrency 1, median |" in table
     assert figures["gw_previous_rev"] == "620fb0c" and figures["gw_plain_errors"] == figures["gw_on_errors"] == 0
