@@ -188,6 +188,20 @@ class Timings(BaseModel):
 class GenerateResponse(BaseModel):
     """The non-streaming answer; also the `done` SSE event and (with `type`) the WS `done` frame."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"response": "Gravity pulls masses together.", "model": "tinyllama:1.1b-chat", "id": "6dcc1b11",
+                 "done_reason": "stop", "usage": {"prompt_tokens": 5, "completion_tokens": 6},
+                 "timings": {"total_ms": 107.9, "ttft_ms": 24.3, "queue_ms": 0.1}},
+                {"response": '{"city": "Paris", "country": "France"}', "model": "qwen3:8b", "id": "0b6f5f2e",
+                 "thinking": "The capital of France is Paris; answer in the schema.", "done_reason": "stop",
+                 "usage": {"prompt_tokens": 31, "completion_tokens": 40},
+                 "timings": {"total_ms": 912.4, "ttft_ms": 88.0, "queue_ms": 0.1}},
+            ]
+        }
+    )  # fmt: skip
+
     response: str
     thinking: str | None = Field(None, description="The model's thinking, when it thought (left out otherwise).")
     model: str

@@ -91,6 +91,14 @@ _CHAT_ANSWERS = {
         {"content": "No: 91 is 7 times 13.", "reasoning_content": "91 / 7 = 13, so it has a factor."},
         "stop", (16, 30))},
 }  # fmt: skip
+_REASONING_STREAM = (
+    'data: {"id":"chatcmpl-2","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant",'
+    '"reasoning_content":"Paris is the capital."},"finish_reason":null}]}\n\n'
+    'data: {"id":"chatcmpl-2","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Paris"},'
+    '"finish_reason":null}]}\n\n'
+    'data: {"id":"chatcmpl-2","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},'
+    '"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+)
 _TOOL_CALL_STREAM = (
     'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant",'
     '"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]},'
@@ -116,6 +124,10 @@ _TOOL_CALL_STREAM = (
                     "examples": {
                         "text": {"summary": "An answer", "value": _STREAM["text/event-stream"]["example"]},
                         "tool_calls": {"summary": "A tool call", "value": _TOOL_CALL_STREAM},
+                        "reasoning": {
+                            "summary": "Thinking (reasoning_effort), then the answer",
+                            "value": _REASONING_STREAM,
+                        },
                     },
                 },
             },
