@@ -804,7 +804,9 @@ class ChunkStream:
     costs one orjson call and two concatenations; a thinking or tool-call delta costs the same.
     """
 
-    __slots__ = ("exchange", "chat", "include_usage", "head", "tail", "first", "announced", "around", "calls")
+    __slots__ = (
+        "exchange", "chat", "include_usage", "head", "tail", "first", "announced", "around", "calls", "fragments",
+    )  # fmt: skip
 
     def __init__(self, exchange: Exchange, chat: bool, include_usage: bool) -> None:
         self.exchange = exchange
@@ -817,6 +819,8 @@ class ChunkStream:
         # The frame around any delta, for the events that are not text.
         self.around: tuple[bytes, bytes] | None = None
         self.calls: set[int] = set()
+        # Per call: the frame around an argument fragment, encoded once (a call streams many of them).
+        self.fragments: dict[int, tuple[bytes, bytes]] = {}
 
     def _frame(self, choices: list[dict[str, Any]] | None) -> dict[str, Any]:
         exchange = self.exchange
@@ -864,6 +868,8 @@ class ChunkStream:
         else:
             call: ToolCallDelta = event  # type: ignore[assignment]
             if call.index in self.calls:
+                if not (call.id or call.name) and self.announced:
+                    return self._fragment(call)
                 delta = {"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]}
             else:
                 self.calls.add(call.index)
@@ -881,6 +887,16 @@ class ChunkStream:
             head, _, tail = whole.partition(b'"__DELTA__"')
             around = self.around = (b"data: " + head, tail + b"\n\n")
         return around[0] + orjson.dumps(delta) + around[1]
+
+    def _fragment(self, call: ToolCallDelta) -> bytes:
+        """A fragment of a call's arguments: like a text token, the frame around it is encoded once per call."""
+        around = self.fragments.get(call.index)
+        if around is None:
+            delta = {"tool_calls": [{"index": call.index, "function": {"arguments": "__ARGUMENTS__"}}]}
+            whole = orjson.dumps(self._frame([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]))
+            head, _, tail = whole.partition(b'"__ARGUMENTS__"')
+            around = self.fragments[call.index] = (b"data: " + head, tail + b"\n\n")
+        return around[0] + orjson.dumps(call.arguments) + around[1]
 
     def end(self) -> bytes:
         frames = [self._with_choice(self._frame(None), "", finish_reason(self.exchange))]
