@@ -6,8 +6,10 @@
 """
 
 import base64
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +34,7 @@ from app.backends.base import (
     sse_data,
     transport_error,
 )
+from app.backends.embedded_features import ContextOverflow, fit_messages
 from app.errors import (
     BackendError,
     BackendUnavailable,
@@ -41,6 +44,8 @@ from app.errors import (
     ModelNotFound,
 )
 from app.vocabulary import Event, Message, ThinkingDelta, ToolCallDelta
+
+logger = logging.getLogger(__name__)
 
 # Ollama option -> request field. OpenAI's own, then the sampling extensions llama.cpp and vLLM accept.
 _OPTION_FIELDS = {
@@ -63,6 +68,25 @@ _INFILL_FIELDS = {**_OPTION_FIELDS, "num_predict": "n_predict"}
 GENERAL_CAPABILITIES = frozenset({COMPLETION, TOOLS, VISION, THINKING, INSERT})
 # Where fill-in-the-middle is tried, in order: llama.cpp's endpoint, then OpenAI's `suffix` (vLLM, Ollama's /v1).
 _INFILL, _COMPLETIONS = "/infill", "/v1/completions"
+# Tokens a chat template adds per message (role markers, separators) and once per prompt; generous, since the
+# server's template is not known here (ChatML adds about 5 per message, Llama 3 about 6).
+_MESSAGE_ALLOWANCE, _PROMPT_ALLOWANCE = 8, 16
+# Without max_tokens, this share of the context is kept free for the answer.
+_ANSWER_SHARE = 4
+# Below this many tokens the context is not asked for: a chat that fits it fits any server's (smaller ones decide).
+_SMALLEST_CONTEXT = 512
+
+
+@dataclass(frozen=True)
+class _Context:
+    """A model's context as its server told it, and whose `/tokenize` counts its tokens."""
+
+    tokens: int
+    vllm: bool  # vLLM's /tokenize ({"model", "prompt"} -> count), else llama-server's ({"content"} -> tokens)
+
+
+class _NoTokenizer(Exception):
+    """The server would not count tokens; the request goes as it is and the server decides."""
 
 
 class _NoRoute(Exception):
@@ -93,6 +117,8 @@ class OpenAICompatBackend(HttpBackend):
         self._capabilities = capabilities
         # The fill-in-the-middle endpoint that answered last (None: not tried yet).
         self._infill_path: str | None = None
+        # Each model's context, learnt on its first chat (None: the server does not say).
+        self._contexts: dict[str, _Context | None] = {}
 
     async def capabilities(self, model: str) -> frozenset[str]:
         """What the server is asked to do for any model; it refuses what a model cannot (and that 400 passes on)."""
@@ -114,9 +140,18 @@ class OpenAICompatBackend(HttpBackend):
                 async for piece in self._read_prompt_answer(response, path, completion):
                     yield piece
             return
+        payload = self._payload(chat)
+        if chat.model in self._contexts:
+            context = self._contexts[chat.model]
+        elif _surely_fits(payload, _SMALLEST_CONTEXT):
+            context = None  # short enough for any context: not worth a call to the server
+        else:
+            context = await self._context(chat.model)
+        if context is not None and not _surely_fits(payload, context.tokens):
+            await self._fit_context(payload, context, chat.model, completion)
         label = self._upstream.label
         finished = ended = False
-        async with self._post_stream("/v1/chat/completions", self._payload(chat), chat.model) as response:
+        async with self._post_stream("/v1/chat/completions", payload, chat.model) as response:
             splitter = LineSplitter()
             async for chunk in response.aiter_raw():
                 for line in splitter.feed(chunk):
@@ -157,6 +192,102 @@ class OpenAICompatBackend(HttpBackend):
 
     def check_model(self, model: str) -> None:
         """Refuse a model before calling the server; a general server decides for itself."""
+
+    # --- a conversation fitted to the model's context ---------------------------------------------------------
+
+    async def _context(self, model: str) -> _Context | None:
+        """The model's context, from llama-server's `/props` or vLLM's `/v1/models`, asked once per model."""
+        found: _Context | None = None
+        try:
+            response = await self._client.get("/props")
+            if response.status_code == 200:
+                settings = response.json().get("default_generation_settings") or {}
+                n_ctx = settings.get("n_ctx")
+                if type(n_ctx) is int and n_ctx > 0:
+                    found = _Context(n_ctx, vllm=False)
+            if found is None:
+                response = await self._client.get("/v1/models")
+                if response.status_code == 200:
+                    for item in response.json().get("data") or ():
+                        length = item.get("max_model_len")
+                        if item.get("id") == model and type(length) is int and length > 0:
+                            found = _Context(length, vllm=True)
+        except httpx.HTTPError:
+            return None  # not remembered: the chat request reports the failure, and the next one asks again
+        except (ValueError, AttributeError):
+            found = None
+        self._contexts[model] = found
+        return found
+
+    async def _fit_context(
+        self, payload: dict[str, Any], context: _Context, model: str, completion: Completion
+    ) -> None:
+        """Keep the system prompt and the newest messages that fit the context, counted by the server's tokenizer."""
+        counted: dict[int, int] = {}
+
+        async def count(message: dict[str, Any]) -> int:
+            if id(message) not in counted:
+                text = _content_text(message.get("content"))
+                if message.get("tool_calls"):
+                    text += orjson.dumps(message["tool_calls"]).decode()
+                counted[id(message)] = await self._server_tokens(text, context, model) + _MESSAGE_ALLOWANCE
+            return counted[id(message)]
+
+        messages = payload["messages"]
+        try:
+            whole = context.tokens - _PROMPT_ALLOWANCE
+            if payload.get("tools"):
+                whole -= await self._server_tokens(orjson.dumps(payload["tools"]).decode(), context, model)
+            try:
+                kept, dropped = await fit_messages(messages, count, whole - _answer_room(payload, context.tokens))
+            except ContextOverflow as overflow:
+                if overflow.needed > whole:
+                    error = InvalidRequest(
+                        f"messages: the conversation's newest message needs {overflow.needed} tokens with its system "
+                        f"prompt, but the {context.tokens}-token context of model '{model}' on {self._upstream.label} "
+                        f"leaves {whole}; it cannot fit. Shorten the message, or start the server with a larger "
+                        "context (llama-server --ctx-size, vLLM --max-model-len)"
+                    )
+                    error.param = "messages"
+                    raise error from None
+                # The newest turn fits only without the answer's room: it goes alone, the answer gets what is left.
+                kept, dropped = await fit_messages(messages, count, overflow.needed)
+        except _NoTokenizer as refused:
+            logger.warning("%s: cannot count tokens (%s); the conversation goes as it is", self.name, refused)
+            return
+        if dropped:
+            payload["messages"] = kept
+            completion.dropped_messages = dropped
+            logger.info(
+                "%s: dropped the %d oldest of %d messages to fit the %d-token context of model '%s'",
+                self.name,
+                dropped,
+                len(messages),
+                context.tokens,
+                model,
+            )
+
+    async def _server_tokens(self, text: str, context: _Context, model: str) -> int:
+        """How many tokens the server's tokenizer makes of `text` (without BOS and the like)."""
+        if not text:
+            return 0
+        if context.vllm:
+            body: dict[str, Any] = {"model": model, "prompt": text, "add_special_tokens": False}
+        else:
+            body = {"content": text, "add_special": False}
+        try:
+            response = await self._client.post("/tokenize", content=orjson.dumps(body), headers=self._JSON)
+            if response.status_code != 200:
+                raise _NoTokenizer(f"/tokenize answered {response.status_code}: {_short(response)}")
+            answer = response.json()
+            counted = answer.get("count") if context.vllm else len(answer.get("tokens"))
+        except httpx.HTTPError as exc:
+            raise _NoTokenizer(f"/tokenize failed: {type(exc).__name__}") from exc
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise _NoTokenizer("/tokenize answered something else than a token list") from exc
+        if type(counted) is not int:
+            raise _NoTokenizer("/tokenize answered without a count")
+        return counted
 
     def _payload(self, chat: ChatInput) -> dict[str, Any]:
         """The `/v1/chat/completions` body for `chat`: messages, sampling fields, and what the answer may hold."""
@@ -406,6 +537,41 @@ def tool_call_delta(call: Any, label: str) -> ToolCallDelta:
     return ToolCallDelta(
         call.get("index") or 0, call.get("id") or None, function.get("name") or None, function.get("arguments") or ""
     )
+
+
+def _answer_room(payload: dict[str, Any], context: int) -> int:
+    """Tokens kept free for the answer: its max_tokens (at most half the context), else a quarter."""
+    limit = payload.get("max_tokens")
+    if type(limit) is int and limit > 0:
+        return min(limit, context // 2)
+    return context // _ANSWER_SHARE
+
+
+def _surely_fits(payload: dict[str, Any], context: int) -> bool:
+    """True when the messages fit even at one token per byte (no token is shorter), so nothing is counted."""
+    room = context - _answer_room(payload, context) - _PROMPT_ALLOWANCE
+    if tools := payload.get("tools"):
+        room -= len(orjson.dumps(tools))
+    for message in payload["messages"]:
+        room -= _bytes(_content_text(message.get("content"))) + _MESSAGE_ALLOWANCE
+        if calls := message.get("tool_calls"):
+            room -= len(orjson.dumps(calls))
+        if room < 0:
+            return False
+    return True
+
+
+def _content_text(content: object) -> str:
+    """A message's text: the string, or its text parts joined (images are the server's to count)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+    return ""
+
+
+def _bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def _add_options(payload: dict[str, Any], options: dict[str, Any] | None, fields: dict[str, str]) -> None:

@@ -10,6 +10,12 @@ A real HTTP server (an ASGI app, served by `serve_in_thread`):
   POST /infill               llama.cpp's fill-in-the-middle (`input_prefix`, `input_suffix`; frames of `content`
                              and `stop`) when "infill" is in `fim`: "<fim prefix=P suffix=S>"; 501 as llama.cpp
                              answers for a model without FIM tokens when "infill-unsupported" is; else 404
+  GET  /props, POST /tokenize  with `context` set (tokens; one token per word, 4 per message and 3 per prompt for the
+                             template): llama-server's (`default_generation_settings.n_ctx`; `{"content"}` ->
+                             `{"tokens"}`) when `context_source` is "props", else vLLM's (`max_model_len` in
+                             /v1/models; `{"model", "prompt"}` -> `{"count"}`, no /props). A chat prompt of `context`
+                             tokens or more is llama-server's 400 `exceed_context_size_error` (vLLM's words: with
+                             max_tokens); `paths` records every (method, path)
 A model not in `models` is a 404 in vLLM's words. What the answer holds, by the request:
   text                 the last user message's text, one word per delta; `max_tokens` cuts it (finish "length")
   images               `image_url` data: URLs: the answer starts "I see N image(s): S1, S2 bytes." (decoded sizes)
@@ -77,6 +83,9 @@ class FakeOpenAI:
         self.reasoning_field = "reasoning_content"
         self.fim: set[str] = {"infill"}
         self.refusals: dict[str, str] = {}
+        self.context: int | None = None
+        self.context_source = "props"
+        self.paths: list[tuple[str, str]] = []
 
     def requests(self, path: str) -> list[Any]:
         """The parsed bodies sent to `path`, in order."""
@@ -86,6 +95,7 @@ class FakeOpenAI:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
+        self.paths.append((method, path))
         body = b"" if method in ("GET", "HEAD") else await _read_body(receive)
         payload: Any = None
         if body:
@@ -98,7 +108,18 @@ class FakeOpenAI:
             self.last_request[path] = payload
         if path == "/v1/models" and method == "GET":
             data = [{"id": name, "object": "model", "created": CREATED, "owned_by": "fake"} for name in self.models]
+            if self.context is not None and self.context_source == "models":
+                data = [{**item, "max_model_len": self.context} for item in data]
             await _json(send, 200, {"object": "list", "data": data})
+            return
+        llama = self.context is not None and self.context_source == "props"
+        if path == "/props" and method == "GET" and llama:
+            settings = {"n_ctx": self.context, "params": {"n_predict": -1}}
+            await _json(send, 200, {"default_generation_settings": settings, "total_slots": 1,
+                                    "model_path": f"/models/{self.models[0]}.gguf"})  # fmt: skip
+            return
+        if path == "/tokenize" and method == "POST" and self.context is not None:
+            await self._tokenize(payload, send)
             return
         if method != "POST" or path not in ("/v1/chat/completions", "/v1/completions", "/infill"):
             await _json(send, 404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
@@ -121,11 +142,55 @@ class FakeOpenAI:
             await _error(send, 400, self.refusals[model])
             return
         if path == "/v1/chat/completions":
+            if self.context is not None and await self._too_long(payload, send):
+                return
             await self._chat(payload, send)
         elif path == "/v1/completions":
             await self._completion(payload, send)
         else:
             await self._infill(payload, send)
+
+    # --- the context: /props, /tokenize, and the refusal of a prompt too long ------------------------------------
+
+    def prompt_tokens(self, payload: dict[str, Any]) -> int:
+        """The chat prompt's tokens as the fake's template renders it: words, 4 per message, 3 per prompt."""
+        messages = [m for m in payload.get("messages") or () if isinstance(m, dict)]
+        words = 0
+        for message in messages:
+            words += len(_text(message.get("content")).split())
+            if message.get("tool_calls"):
+                words += len(json.dumps(message["tool_calls"]).split())
+        return words + 4 * len(messages) + 3
+
+    async def _tokenize(self, payload: Any, send: Send) -> None:
+        if not isinstance(payload, dict):
+            await _error(send, 400, "the body is not a JSON object")
+            return
+        if self.context_source == "props":
+            words = str(payload.get("content") or "").split()
+            await _json(send, 200, {"tokens": [len(word) for word in words]})
+        else:
+            count = len(str(payload.get("prompt") or "").split())
+            await _json(send, 200, {"count": count, "max_model_len": self.context, "tokens": list(range(count))})
+
+    async def _too_long(self, payload: dict[str, Any], send: Send) -> bool:
+        """Refuse a prompt that does not fit `context`, as the server would; True when refused."""
+        assert self.context is not None
+        tokens = self.prompt_tokens(payload)
+        if self.context_source == "props":
+            if tokens < self.context:
+                return False
+            error = {"code": 400, "message": "the request exceeds the available context size, try increasing it",
+                     "type": "exceed_context_size_error", "n_prompt_tokens": tokens, "n_ctx": self.context}  # fmt: skip
+            await _json(send, 400, {"error": error})
+            return True
+        wanted = payload.get("max_tokens") or 0
+        if tokens + wanted <= self.context:
+            return False
+        await _error(send, 400, f"This model's maximum context length is {self.context} tokens. However, you "
+                                f"requested {tokens + wanted} tokens ({tokens} in the messages, {wanted} in the "
+                                "completion). Please reduce the length of the messages or completion.")  # fmt: skip
+        return True
 
     # --- /v1/chat/completions ---------------------------------------------------------------------------------
 
