@@ -50,6 +50,14 @@ class MissingCapability(InvalidRequest):
     code = "missing_capability"
 
 
+class ContextTooLong(InvalidRequest):
+    """The newest message (with the system prompt) cannot fit the model's context even with older turns dropped:
+    400, as OpenAI answers it."""
+
+    status = 400
+    code = "context_length_exceeded"
+
+
 class ModelNotFound(MiniVaultError):
     """The upstream does not have the model asked for."""
 

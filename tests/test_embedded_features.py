@@ -352,7 +352,7 @@ async def test_the_newest_user_message_alone_too_big_is_refused() -> None:
     with pytest.raises(ContextOverflow) as raised:
         await fit_messages(CONVERSATION, counter(COSTS, []), 17)
     assert (raised.value.needed, raised.value.budget) == (18, 17)
-    assert (raised.value.status, raised.value.code, raised.value.param) == (422, "invalid_request", "messages")
+    assert (raised.value.status, raised.value.code, raised.value.param) == (400, "context_length_exceeded", "messages")
     assert raised.value.message == (
         "the conversation's newest message needs 18 tokens with its system prompt, but the embedded engine's "
         "context leaves 17; shorten the message, or raise MINIVAULT_EMBEDDED_CONTEXT"

@@ -103,12 +103,12 @@ def test_a_single_message_that_cannot_fit_is_refused_before_the_server(
     gateway: OpenAIGateway, fake: FakeOpenAI, sdk: openai.OpenAI
 ) -> None:
     messages: Any = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "word " * 300}]
-    with pytest.raises(openai.UnprocessableEntityError) as raised:
+    with pytest.raises(openai.BadRequestError) as raised:
         sdk.chat.completions.create(model=gateway.model, messages=messages)
 
-    assert raised.value.status_code == 422
+    assert raised.value.status_code == 400
     error: Any = raised.value.body
-    assert error["param"] == "messages"
+    assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
     assert error["message"].startswith(
         "messages: the conversation's newest message needs 318 tokens with its system prompt, but the 256-token "
         f"context of model '{gateway.model}' on "

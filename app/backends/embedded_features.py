@@ -15,7 +15,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from app.errors import InvalidRequest
+from app.errors import ContextTooLong
 
 # Ollama options the engine fixes when it loads the model: no request can change them.
 LOAD_TIME_OPTIONS = frozenset(
@@ -84,7 +84,7 @@ _DEFS_KEYS = ("$defs", "definitions")
 Message = TypeVar("Message", bound=Mapping[str, Any])
 
 
-class ContextOverflow(InvalidRequest):
+class ContextOverflow(ContextTooLong):
     """The system messages and the newest user turn alone need more tokens than the context leaves."""
 
     def __init__(self, needed: int, budget: int) -> None:

@@ -38,6 +38,7 @@ from app.backends.embedded_features import ContextOverflow, fit_messages
 from app.errors import (
     BackendError,
     BackendUnavailable,
+    ContextTooLong,
     InvalidRequest,
     MiniVaultError,
     MissingCapability,
@@ -242,7 +243,7 @@ class OpenAICompatBackend(HttpBackend):
                 kept, dropped = await fit_messages(messages, count, whole - _answer_room(payload, context.tokens))
             except ContextOverflow as overflow:
                 if overflow.needed > whole:
-                    error = InvalidRequest(
+                    error = ContextTooLong(
                         f"messages: the conversation's newest message needs {overflow.needed} tokens with its system "
                         f"prompt, but the {context.tokens}-token context of model '{model}' on {self._upstream.label} "
                         f"leaves {whole}; it cannot fit. Shorten the message, or start the server with a larger "
