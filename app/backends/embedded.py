@@ -26,14 +26,11 @@ from app.backends.base import (
     TOOLS,
     ChatInput,
     Completion,
-    LineSplitter,
     ModelInfo,
     Upstream,
     check_capabilities,
     error_text,
     get_json,
-    load_json_object,
-    sse_data,
     transport_error,
 )
 from app.backends.embedded_features import (
@@ -44,7 +41,7 @@ from app.backends.embedded_features import (
     tool_history,
     tool_instruction,
 )
-from app.backends.openai_compat import OpenAICompatBackend
+from app.backends.openai_compat import OpenAICompatBackend, SseFrames
 from app.errors import BackendError, InvalidRequest, MissingCapability, ModelNotFound
 from app.vocabulary import Event, Message, Tool, ToolCallDelta, ToolChoice
 
@@ -187,21 +184,11 @@ class EmbeddedBackend(OpenAICompatBackend):
             await self._fit(payload, chat, completion)
         label = self._upstream.label
         answer = ToolAnswer() if plan is not None else None
-        finished = ended = False
+        finished = False
+        frames = SseFrames(label)
         async with self._post_stream(path, payload, chat.model) as response:
-            splitter = LineSplitter()
             async for chunk in response.aiter_raw():
-                for line in splitter.feed(chunk):
-                    data = sse_data(line)
-                    if data is None or ended:
-                        continue
-                    if data == b"[DONE]":
-                        # Read on to the end of the body so the connection goes back to the pool.
-                        ended = True
-                        continue
-                    event = load_json_object(data, label)
-                    if "error" in event:
-                        raise BackendError(f"{label}: {_message(event['error'])}")
+                for event in frames.feed(chunk):
                     for choice in event.get("choices") or ():
                         delta = choice.get("delta")
                         text = choice.get("text") if delta is None else delta.get("content")
@@ -220,7 +207,7 @@ class EmbeddedBackend(OpenAICompatBackend):
                     if usage := event.get("usage"):
                         completion.prompt_tokens = usage.get("prompt_tokens")
                         completion.completion_tokens = usage.get("completion_tokens")
-        if not (finished or ended):
+        if not (finished or frames.done):
             raise BackendError(f"{label} closed the stream before it finished; the answer is incomplete")
         if answer is not None:
             for last in tool_answer_events(answer, completion):

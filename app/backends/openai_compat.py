@@ -151,21 +151,11 @@ class OpenAICompatBackend(HttpBackend):
         if context is not None and not _surely_fits(payload, context.tokens):
             await self._fit_context(payload, context, chat.model, completion)
         label = self._upstream.label
-        finished = ended = False
+        finished = False
+        frames = SseFrames(label)
         async with self._post_stream("/v1/chat/completions", payload, chat.model) as response:
-            splitter = LineSplitter()
             async for chunk in response.aiter_raw():
-                for line in splitter.feed(chunk):
-                    data = sse_data(line)
-                    if data is None or ended:
-                        continue
-                    if data == b"[DONE]":
-                        # Read on to the end of the body so the connection goes back to the pool.
-                        ended = True
-                        continue
-                    event = load_json_object(data, label)
-                    if "error" in event:
-                        raise BackendError(f"{label}: {_message(event['error'])}")
+                for event in frames.feed(chunk):
                     for choice in event.get("choices") or ():
                         delta = choice.get("delta") or {}
                         text = delta.get("content")
@@ -188,7 +178,7 @@ class OpenAICompatBackend(HttpBackend):
                     if usage := event.get("usage"):
                         completion.prompt_tokens = usage.get("prompt_tokens")
                         completion.completion_tokens = usage.get("completion_tokens")
-        if not (finished or ended):
+        if not (finished or frames.done):
             raise BackendError(f"{label} closed the stream before it finished; the answer is incomplete")
 
     def check_model(self, model: str) -> None:
@@ -411,19 +401,10 @@ class OpenAICompatBackend(HttpBackend):
     ) -> AsyncGenerator[str, None]:
         """The text of a `/v1/completions` stream (`choices[].text`) or an `/infill` one (`content`, `stop`)."""
         label = self._upstream.label
-        finished = ended = False
-        splitter = LineSplitter()
+        finished = False
+        frames = SseFrames(label)
         async for chunk in response.aiter_raw():
-            for line in splitter.feed(chunk):
-                data = sse_data(line)
-                if data is None or ended:
-                    continue
-                if data == b"[DONE]":
-                    ended = True
-                    continue
-                event = load_json_object(data, label)
-                if "error" in event:
-                    raise BackendError(f"{label}: {_message(event['error'])}")
+            for event in frames.feed(chunk):
                 if path == _INFILL:
                     if text := event.get("content"):
                         yield text
@@ -442,7 +423,7 @@ class OpenAICompatBackend(HttpBackend):
                 if usage := event.get("usage"):
                     completion.prompt_tokens = usage.get("prompt_tokens")
                     completion.completion_tokens = usage.get("completion_tokens")
-        if not (finished or ended):
+        if not (finished or frames.done):
             raise BackendError(f"{label} closed the stream before it finished; the answer is incomplete")
 
     async def warm(self, model: str) -> None:
@@ -583,6 +564,37 @@ def _add_options(payload: dict[str, Any], options: dict[str, Any] | None, fields
         payload[name] = value
     if "repeat_penalty" in payload:
         payload["repetition_penalty"] = payload["repeat_penalty"]  # vLLM's name for it; each ignores the other's
+
+
+class SseFrames:
+    """Cuts an OpenAI-style event stream into its JSON `data:` frames; after `[DONE]` the rest is read and dropped
+    (so the connection can go back to the pool). A frame holding `error` raises BackendError.
+
+    A plain method, not an async generator: on the per-token path every generator layer costs a suspension.
+    """
+
+    __slots__ = ("_lines", "label", "done")
+
+    def __init__(self, label: str) -> None:
+        self._lines = LineSplitter()
+        self.label = label
+        self.done = False
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        """The frames this chunk completes."""
+        frames = []
+        for line in self._lines.feed(chunk):
+            data = sse_data(line)
+            if data is None or self.done:
+                continue
+            if data == b"[DONE]":
+                self.done = True
+                continue
+            event = load_json_object(data, self.label)
+            if "error" in event:
+                raise BackendError(f"{self.label}: {_message(event['error'])}")
+            frames.append(event)
+        return frames
 
 
 def ignored_options(options: dict[str, Any]) -> tuple[str, ...]:
